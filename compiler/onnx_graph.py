@@ -1,0 +1,285 @@
+"""Build the decoder ONNX graph of a llama-family model by hand, with an explicit KV cache.
+
+Graph contract (batch is fixed to 1; S = new tokens this call, P = cached tokens before it):
+
+    inputs   input_ids           int64  [1, S]
+             past_key_{i}        dtype  [1, P, kv_heads, head_dim]    (sequence-major)
+             past_value_{i}      dtype  [1, P, kv_heads, head_dim]
+    outputs  logits              fp32   [1, S, vocab]                 (vocab = shared tokenizer size)
+             new_key_{i}         dtype  [1, S, kv_heads, head_dim]    (only the S new rows)
+             new_value_{i}       dtype  [1, S, kv_heads, head_dim]
+
+Token s sits at position P + s and attends to every cached token and to new tokens <= s, so one
+call verifies K+1 tokens. The graph returns only the new cache rows: the runtime writes them
+into a preallocated cache at row P and passes the prefix [:P] back next call (a contiguous view
+because the layout is sequence-major), so rolling back is moving P and no step copies the cache.
+
+Only plain ONNX ops (opset 17) are used so TensorRT 10.3+ parses the graph. In fp16 graphs the
+norms, softmax and logits are computed in fp32. Weights go to one external-data file written
+tensor by tensor, so the graph never holds all weights in memory twice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .arch import ModelArch
+
+OPSET = 17
+MASK_VALUE = -1e9  # added to fp32 scores of masked positions
+DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can mmap them
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids"]
+    for i in range(num_layers):
+        names += [f"past_key_{i}", f"past_value_{i}"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"new_key_{i}", f"new_value_{i}"]
+    return names
+
+
+class ExternalDataWriter:
+    """Appends tensors to one .data file and returns TensorProtos that point into it."""
+
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self.handle = open(data_path, "wb")
+        self.offset = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self.handle.write(b"\0" * pad)
+            self.offset += pad
+        proto = TensorProto()
+        proto.name = name
+        proto.dims.extend(array.shape)
+        proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.handle.write(array.tobytes())
+        self.offset += array.nbytes
+        return proto
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; small tensors are inlined, weights go to external data."""
+
+    def __init__(self, writer: ExternalDataWriter, np_dtype: type, onnx_dtype: int):
+        self.writer = writer
+        self.np_dtype = np_dtype
+        self.onnx_dtype = onnx_dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def _name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], prefix: str | None = None, n_out: int = 1, **attrs) -> str | list[str]:
+        base = self._name(prefix or op_type.lower())
+        outputs = [base] if n_out == 1 else [f"{base}_{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=base, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def const(self, array: np.ndarray, prefix: str = "const") -> str:
+        name = self._name(prefix)
+        self.initializers.append(helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
+                                                    array.tobytes(), raw=True))
+        return name
+
+    def weight(self, name: str, array: np.ndarray, dtype: type | None = None) -> str:
+        self.initializers.append(self.writer.tensor(name, array.astype(dtype or self.np_dtype, copy=False)))
+        return name
+
+    def ints(self, values: list[int]) -> str:
+        return self.const(np.array(values, dtype=np.int64), "shape")
+
+    def scalar(self, value: float, dtype: type) -> str:
+        return self.const(np.array(value, dtype=dtype), "scalar")
+
+
+WeightFn = Callable[[str], np.ndarray]  # HF state-dict name -> fp32 numpy array
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What to build: precision, maximum context and the shared logits width."""
+
+    precision: str  # fp32 | fp16
+    max_context: int
+    logits_vocab: int  # rows of the embedding / lm_head kept (the tokenizer's size)
+
+
+def _rms_norm(gb: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    """RMSNorm computed in fp32 whatever the graph precision; output in graph precision."""
+    x32 = gb.op("Cast", [x], to=TensorProto.FLOAT) if gb.onnx_dtype != TensorProto.FLOAT else x
+    variance = gb.op("ReduceMean", [gb.op("Mul", [x32, x32])], axes=[-1], keepdims=1)
+    inv_rms = gb.op("Reciprocal", [gb.op("Sqrt", [gb.op("Add", [variance, gb.scalar(eps, np.float32)])])])
+    normed = gb.op("Mul", [x32, inv_rms])
+    if gb.onnx_dtype != TensorProto.FLOAT:
+        normed = gb.op("Cast", [normed], to=gb.onnx_dtype)
+    return gb.op("Mul", [normed, weight], prefix="rmsnorm")
+
+
+def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
+    """x * cos + rotate_half(x) * sin, x: [1, S, heads, D], cos/sin: [1, S, 1, D]."""
+    half = gb.ints([head_dim // 2, head_dim // 2])
+    x1, x2 = gb.op("Split", [x, half], n_out=2, axis=-1)
+    rotated = gb.op("Concat", [gb.op("Neg", [x2]), x1], axis=-1)
+    return gb.op("Add", [gb.op("Mul", [x, cos]), gb.op("Mul", [rotated, sin])], prefix="rope")
+
+
+def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str,
+               cos: str, sin: str, mask: str) -> tuple[str, str, str]:
+    """Grouped-query attention over past + new tokens. Returns (attn_out, new_key, new_value)."""
+    prefix = f"model.layers.{layer}.self_attn"
+    heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    qkv_weight = np.concatenate([weights(f"{prefix}.{p}_proj.weight") for p in "qkv"], axis=0).T  # [H, (h+2kv)*D]
+    qkv = gb.op("MatMul", [h, gb.weight(f"layers.{layer}.attn.qkv.weight", qkv_weight)])
+    if arch.attention_bias:
+        qkv_bias = np.concatenate([weights(f"{prefix}.{p}_proj.bias") for p in "qkv"])
+        qkv = gb.op("Add", [qkv, gb.weight(f"layers.{layer}.attn.qkv.bias", qkv_bias)])
+    sizes = gb.ints([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+    q, k, v = gb.op("Split", [qkv, sizes], n_out=3, axis=-1)
+    q = gb.op("Reshape", [q, gb.ints([1, -1, heads, head_dim])])  # [1, S, h, D]
+    k = gb.op("Reshape", [k, gb.ints([1, -1, kv_heads, head_dim])])  # [1, S, kv, D]
+    new_value = gb.op("Reshape", [v, gb.ints([1, -1, kv_heads, head_dim])])
+    q = _rotate(gb, q, cos, sin, head_dim)
+    new_key = _rotate(gb, k, cos, sin, head_dim)
+
+    all_keys = gb.op("Concat", [f"past_key_{layer}", new_key], axis=1)  # [1, T, kv, D]
+    all_values = gb.op("Concat", [f"past_value_{layer}", new_value], axis=1)
+    keys_t = gb.op("Transpose", [all_keys], perm=[2, 0, 3, 1])  # [kv, 1, D, T]
+    values_t = gb.op("Transpose", [all_values], perm=[2, 0, 1, 3])  # [kv, 1, T, D]
+    q = gb.op("Reshape", [q, gb.ints([-1, kv_heads, arch.kv_groups, head_dim])])  # [S, kv, g, D]
+    q = gb.op("Transpose", [q], perm=[1, 2, 0, 3])  # [kv, g, S, D]
+    q = gb.op("Mul", [q, gb.scalar(head_dim ** -0.5, gb.np_dtype)])
+    scores = gb.op("MatMul", [q, keys_t])  # [kv, g, S, T]
+    if gb.onnx_dtype != TensorProto.FLOAT:
+        scores = gb.op("Cast", [scores], to=TensorProto.FLOAT)
+    probs = gb.op("Softmax", [gb.op("Add", [scores, mask])], axis=-1)  # fp32
+    if gb.onnx_dtype != TensorProto.FLOAT:
+        probs = gb.op("Cast", [probs], to=gb.onnx_dtype)
+    context = gb.op("MatMul", [probs, values_t])  # [kv, g, S, D]
+    context = gb.op("Transpose", [context], perm=[2, 0, 1, 3])  # [S, kv, g, D]
+    context = gb.op("Reshape", [context, gb.ints([1, -1, heads * head_dim])])  # [1, S, h*D]
+    o_weight = weights(f"{prefix}.o_proj.weight").T  # [h*D, H]
+    out = gb.op("MatMul", [context, gb.weight(f"layers.{layer}.attn.o.weight", o_weight)])
+    return out, new_key, new_value
+
+
+def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str) -> str:
+    prefix = f"model.layers.{layer}.mlp"
+    gate_up_weight = np.concatenate([weights(f"{prefix}.gate_proj.weight"), weights(f"{prefix}.up_proj.weight")], axis=0).T
+    gate_up = gb.op("MatMul", [h, gb.weight(f"layers.{layer}.mlp.gate_up.weight", gate_up_weight)])  # [1, S, 2I]
+    gate, up = gb.op("Split", [gate_up, gb.ints([arch.intermediate_size] * 2)], n_out=2, axis=-1)
+    activated = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])  # silu(gate) * up
+    down_weight = weights(f"{prefix}.down_proj.weight").T  # [I, H]
+    return gb.op("MatMul", [activated, gb.weight(f"layers.{layer}.mlp.down.weight", down_weight)])
+
+
+def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
+    """positions [S] = P..P+S-1 and the fp32 additive causal mask [S, T] shared by all layers."""
+    seq_len = gb.op("Gather", [gb.op("Shape", ["input_ids"]), gb.const(np.array(1, np.int64))], axis=0)
+    past_len = gb.op("Gather", [gb.op("Shape", ["past_key_0"]), gb.const(np.array(1, np.int64))], axis=0)
+    total_len = gb.op("Add", [past_len, seq_len])
+    one = gb.const(np.array(1, np.int64))
+    positions = gb.op("Range", [past_len, total_len, one], prefix="positions")  # [S]
+    key_positions = gb.op("Range", [gb.const(np.array(0, np.int64)), total_len, one])  # [T]
+    query_positions = gb.op("Unsqueeze", [positions, gb.ints([1])])  # [S, 1]
+    allowed = gb.op("LessOrEqual", [key_positions, query_positions])  # [S, T]
+    mask = gb.op("Where", [allowed, gb.scalar(0.0, np.float32), gb.scalar(MASK_VALUE, np.float32)], prefix="mask")
+    return positions, mask
+
+
+def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray, rope_sin: np.ndarray,
+                       spec: GraphSpec, onnx_path: Path) -> Path:
+    """Write `onnx_path` (+ `onnx_path`.data) for the model; returns the graph path.
+
+    rope_cos / rope_sin: [max_context, head_dim] tables (scaling already applied), as transformers
+    computes them for positions 0..max_context-1.
+    """
+    np_dtype, onnx_dtype = DTYPES[spec.precision]
+    onnx_path = Path(onnx_path)
+    data_path = onnx_path.with_name(onnx_path.name + ".data")
+    writer = ExternalDataWriter(data_path)
+    try:
+        gb = GraphBuilder(writer, np_dtype, onnx_dtype)
+        vocab = spec.logits_vocab
+        embed = weights("model.embed_tokens.weight")[:vocab]  # [V, H]
+        embed_name = gb.weight("embed_tokens.weight", embed)
+        if arch.tie_word_embeddings:
+            lm_head_name = embed_name
+        else:
+            lm_head_name = gb.weight("lm_head.weight", weights("lm_head.weight")[:vocab])  # [V, H]
+
+        positions, mask = _positions_and_mask(gb)
+        cos_table = gb.weight("rope.cos", rope_cos[: spec.max_context])  # [max_ctx, D]
+        sin_table = gb.weight("rope.sin", rope_sin[: spec.max_context])
+        cos = gb.op("Unsqueeze", [gb.op("Gather", [cos_table, positions], axis=0), gb.ints([0, 2])])  # [1, S, 1, D]
+        sin = gb.op("Unsqueeze", [gb.op("Gather", [sin_table, positions], axis=0), gb.ints([0, 2])])
+
+        hidden = gb.op("Gather", [embed_name, "input_ids"], axis=0, prefix="embed")  # [1, S, H]
+        new_kv_outputs = []
+        for layer in range(arch.num_layers):
+            prefix = f"model.layers.{layer}"
+            ln1 = gb.weight(f"layers.{layer}.input_norm.weight", weights(f"{prefix}.input_layernorm.weight"))
+            attn_out, new_key, new_value = _attention(gb, arch, weights, layer, _rms_norm(gb, hidden, ln1, arch.rms_norm_eps),
+                                                      cos, sin, mask)
+            hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
+            ln2 = gb.weight(f"layers.{layer}.post_attn_norm.weight", weights(f"{prefix}.post_attention_layernorm.weight"))
+            hidden = gb.op("Add", [hidden, _mlp(gb, arch, weights, layer, _rms_norm(gb, hidden, ln2, arch.rms_norm_eps))],
+                           prefix="residual")
+            gb.nodes.append(helper.make_node("Identity", [new_key], [f"new_key_{layer}"]))
+            gb.nodes.append(helper.make_node("Identity", [new_value], [f"new_value_{layer}"]))
+            new_kv_outputs += [f"new_key_{layer}", f"new_value_{layer}"]
+
+        final_norm = gb.weight("final_norm.weight", weights("model.norm.weight"))
+        hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
+        hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
+        logits = gb.op("Gemm", [hidden_2d, lm_head_name], transB=1)  # [S, V]
+        if onnx_dtype != TensorProto.FLOAT:
+            logits = gb.op("Cast", [logits], to=TensorProto.FLOAT)
+        gb.nodes.append(helper.make_node("Unsqueeze", [logits, gb.ints([0])], ["logits"]))
+    finally:
+        writer.close()
+
+    kv_shape_past = [1, "past_len", arch.num_kv_heads, arch.head_dim]
+    kv_shape_new = [1, "seq_len", arch.num_kv_heads, arch.head_dim]
+    graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq_len"])]
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq_len", vocab])]
+    for layer in range(arch.num_layers):
+        for kind in ("key", "value"):
+            graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", onnx_dtype, kv_shape_past))
+            graph_outputs.append(helper.make_tensor_value_info(f"new_{kind}_{layer}", onnx_dtype, kv_shape_new))
+    graph = helper.make_graph(gb.nodes, "spectrt_decoder", graph_inputs, graph_outputs, gb.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="spectrt")
+    model.ir_version = 8  # readable by onnx >= 1.10 / TensorRT 10.3's parser
+    tmp_path = onnx_path.with_name(onnx_path.name + ".tmp")
+    with open(tmp_path, "wb") as handle:
+        handle.write(model.SerializeToString())
+    os.replace(tmp_path, onnx_path)
+    onnx.checker.check_model(str(onnx_path))
+    return onnx_path
