@@ -94,7 +94,7 @@ def load_tokenizer(path: Path) -> Any:
         ) from exc
 
 
-def load_model(path: Path, *, check_arch_only: bool = False) -> LoadedModel:
+def load_model(path: Path) -> LoadedModel:
     """Load config, tokenizer and fp32 weights; refuse unsupported architectures before the weights."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig

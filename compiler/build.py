@@ -1,0 +1,232 @@
+"""The build pipeline: resolve → check pair → (load → export → validate) × 2 → compile → bundle.
+
+Each step is a small function; `build_bundle` strings them together with progress output. The
+bundle is assembled in a temporary folder next to the destination and moved into place at the
+end, so a failed build never leaves a half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from spectrt import __version__
+from spectrt.errors import ConfigError
+from spectrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, parse_manifest, sha256_file
+
+from .arch import ModelArch, arch_from_config
+from .config import BuildConfig
+from .loading import load_config, load_model, load_tokenizer
+from .onnx_graph import GraphSpec, input_names, output_names
+from .pair import check_pair, shared_logits_vocab
+from .progress import Progress, peak_rss_mb
+
+ROLES = ("target", "draft")
+
+
+@dataclass
+class BuildResult:
+    bundle_dir: Path
+    manifest: dict[str, Any]
+    seconds: float
+    peak_rss_mb: float
+    step_times: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_source(name_or_path: str, progress: Progress) -> Path:
+    """A path as given, or a known model name fetched into the cache (see `spectrt models list`)."""
+    from .fetch import resolve_model
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    return Path(resolve_model(name_or_path))
+
+
+def check_archs(config: BuildConfig, sources: dict[str, Path]) -> dict[str, ModelArch]:
+    """Refuse unsupported architectures and impossible contexts from the configs alone (cheap)."""
+    archs = {role: arch_from_config(load_config(sources[role]), source=f"{role} '{sources[role]}'") for role in ROLES}
+    for role, arch in archs.items():
+        if arch.sliding_window and config.max_context > arch.sliding_window:
+            raise ConfigError(f"max context {config.max_context} exceeds the {role}'s sliding window "
+                              f"{arch.sliding_window}; spectrt graphs use full attention: pass --max-context "
+                              f"<= {arch.sliding_window}.")
+        if config.max_context > arch.max_position_embeddings:
+            raise ConfigError(f"max context {config.max_context} exceeds the {role}'s trained maximum "
+                              f"({arch.max_position_embeddings} positions); pass a smaller --max-context.")
+    return archs
+
+
+def tensor_specs(arch: ModelArch, precision: str, vocab: int) -> dict[str, list[dict[str, Any]]]:
+    kv = [1, None, arch.num_kv_heads, arch.head_dim]
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": [1, "seq_len"]}]
+    outputs = [{"name": "logits", "dtype": "fp32", "shape": [1, "seq_len", vocab]}]
+    for name in input_names(arch.num_layers)[1:]:
+        inputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "past_len" for d in kv]})
+    for name in output_names(arch.num_layers)[1:]:
+        outputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "seq_len" for d in kv]})
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int, work_dir: Path,
+                        progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load one model, write <role>.onnx(+.data), validate it.
+
+    Returns its manifest entry (without TensorRT) and its generation settings (eos ids, chat template)."""
+    from .export import export_onnx
+    from .validate import require_passed, validate_graph
+
+    with progress.step(f"load {role} ({source.name})"):
+        loaded = load_model(source)
+    onnx_path = work_dir / f"{role}.onnx"
+    with progress.step(f"export {role} ONNX ({config.precision}, {loaded.arch.num_layers} layers)"):
+        export_onnx(loaded, GraphSpec(config.precision, config.max_context, vocab), onnx_path)
+    validation = None
+    if config.validate:
+        with progress.step(f"validate {role} against transformers"):
+            report = validate_graph(onnx_path, loaded, precision=config.precision, max_context=config.max_context,
+                                    vocab=vocab, widths=config.widths if role == "target" else (1,))
+        progress.say(f"    {role}: {report.summary()}")
+        require_passed(report, role)
+        validation = report.to_json()
+    entry = {
+        "role": role,
+        "arch": loaded.arch.to_json(),
+        "precision": config.precision,
+        "max_context": config.max_context,
+        "logits_vocab": vocab,
+        "widths": list(config.widths) if role == "target" else [],
+        "graph": tensor_specs(loaded.arch, config.precision, vocab),
+        "backends": {"onnx": {"path": onnx_path.name, "data": onnx_path.name + ".data", "opset": 17}},
+        "validation": validation,
+        "source": {"name": source.name, "files": loaded.source_files},
+    }
+    generation = generation_settings(loaded.tokenizer, loaded.generation_config)
+    del loaded
+    gc.collect()
+    return entry, generation
+
+
+def compile_tensorrt(role: str, entry: dict[str, Any], config: BuildConfig, work_dir: Path,
+                     progress: Progress) -> dict[str, Any]:
+    from .tensorrt_build import build_engine, decoder_profiles
+
+    arch = entry["arch"]
+    profiles = decoder_profiles(role, config.widths, config.max_context, arch["num_layers"], arch["num_kv_heads"],
+                                arch["head_dim"], config.prefill_opt)
+    with progress.step(f"compile {role} TensorRT engine ({len(profiles)} profiles)"):
+        info = build_engine(work_dir / f"{role}.onnx", work_dir / f"{role}.engine", profiles,
+                            workspace_mb=config.workspace_mb,
+                            timing_cache=Path(config.timing_cache) if config.timing_cache else None,
+                            compute_capabilities=config.compute_capabilities)
+    return {"path": info.path.name, "module": info.module, "version": info.version, "profiles": info.profiles,
+            "compute_capabilities": info.compute_capabilities,
+            "built_on_gpu_compute_capability": info.gpu_compute_capability,
+            "build_seconds": round(info.build_seconds, 2), "strongly_typed": True}
+
+
+def generation_settings(tokenizer: Any, generation_config: Any) -> dict[str, Any]:
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    return {
+        "eos_token_ids": eos_ids,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    }
+
+
+def save_tokenizer(tokenizer: Any, work_dir: Path) -> str:
+    tokenizer.backend_tokenizer.save(str(work_dir / "tokenizer.json"))
+    return "tokenizer.json"
+
+
+def tool_versions(config: BuildConfig) -> dict[str, str]:
+    versions = {"spectrt": __version__, "python": platform.python_version()}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("torch", "transformers", "onnx", "onnxruntime", "gguf", "tokenizers", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    if config.wants_tensorrt:
+        from .tensorrt_build import import_tensorrt
+
+        trt = import_tensorrt()
+        versions[trt.__name__] = trt.__version__
+    return versions
+
+
+def file_table(work_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(work_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), progress: Progress | None = None,
+                 overwrite: bool = True) -> BuildResult:
+    """Run the whole build for `config` and return where the bundle went."""
+    progress = progress or Progress()
+    start = time.perf_counter()
+    out_dir = config.out_dir(engines_root)
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"{out_dir} exists; pass --overwrite or another --out.")
+    if config.wants_tensorrt:
+        from .tensorrt_build import import_tensorrt
+
+        import_tensorrt()  # fail fast with the install hint, before hours of export
+    progress.say(f"spectrt build → {out_dir}")
+    with progress.step("resolve models"):
+        sources = {role: resolve_source(getattr(config, role), progress) for role in ROLES}
+    with progress.step("check architectures and tokenizers"):
+        archs = check_archs(config, sources)
+        target_tokenizer = load_tokenizer(sources["target"])
+        facts = check_pair(target_tokenizer, load_tokenizer(sources["draft"]))
+        vocab = shared_logits_vocab(facts, archs["target"].vocab_size, archs["draft"].vocab_size)
+    progress.say(f"    shared tokenizer: {facts.size} ids; logits width {vocab}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        entries, generation = {}, {}
+        for role in ROLES:
+            entries[role], generation[role] = export_and_validate(role, sources[role], config, vocab, work_dir, progress)
+        if config.wants_tensorrt:
+            for role in ROLES:
+                entries[role]["backends"]["tensorrt"] = compile_tensorrt(role, entries[role], config, work_dir, progress)
+        with progress.step("write bundle"):
+            tokenizer_file = save_tokenizer(target_tokenizer, work_dir)
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "name": out_dir.name,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "build": config.to_json() | {"target": sources["target"].name, "draft": sources["draft"].name,
+                                             "out": None},
+                "tokenizer": {"file": tokenizer_file, "size": facts.size},
+                "generation": generation["target"],
+                "models": entries,
+                "files": file_table(work_dir),
+                "provenance": {"tool_versions": tool_versions(config), "platform": platform.platform(),
+                               "machine": platform.machine()},
+            }
+            parse_manifest(work_dir, manifest)  # the runtime must accept what we write
+            (work_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            work_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    return BuildResult(out_dir, manifest, time.perf_counter() - start, peak_rss_mb(), dict(progress.times))
+

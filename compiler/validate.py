@@ -1,0 +1,115 @@
+"""Validate an exported graph against the transformers reference on the same weights.
+
+The graph is driven exactly as the runtime drives it (prefill, then verification chunks of
+K+1 tokens for each built width, then single-token decode steps, KV cache in and out) and
+every position's logits are compared with one full-sequence transformers forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectrt.errors import ExportError
+
+VALIDATION_TEXTS = (
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs_logit_diff: float
+    min_argmax_agreement: float
+
+
+# fp32 must match the reference to float rounding; fp16 graphs are compared with the fp32 reference.
+THRESHOLDS = {"fp32": Thresholds(1e-2, 0.99), "fp16": Thresholds(1.0, 0.90)}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    precision: str
+    positions: int
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    argmax_agreement: float
+    chunk_lengths: list[int]
+    thresholds: dict[str, float]
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"max|Δlogit| {self.max_abs_logit_diff:.2e}, argmax agreement {self.argmax_agreement:.1%} "
+                f"over {self.positions} positions ({'ok' if self.passed else 'FAILED'})")
+
+
+def chunk_plan(total: int, widths: tuple[int, ...]) -> list[int]:
+    """Chunk lengths covering `total` tokens: a prefill, one K+1 chunk per width, then single steps."""
+    plan = [max(1, total // 3)]
+    for k in widths:
+        if sum(plan) + k + 1 <= total - 2:
+            plan.append(k + 1)
+    while sum(plan) < total:
+        plan.append(1)
+    return plan
+
+
+def reference_logits(model: Any, token_ids: np.ndarray, vocab: int) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.from_numpy(token_ids[None, :].astype(np.int64))).logits[0, :, :vocab]
+    return logits.float().numpy()  # [T, V]
+
+
+def run_graph_in_chunks(decoder: Any, token_ids: np.ndarray, plan: list[int]) -> np.ndarray:
+    outputs, start = [], 0
+    for length in plan:
+        outputs.append(decoder.step(token_ids[start : start + length]).copy())
+        decoder.commit(length)
+        start += length
+    return np.concatenate(outputs)  # [T, V]
+
+
+def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context: int, vocab: int,
+                   widths: tuple[int, ...], texts: tuple[str, ...] = VALIDATION_TEXTS, threads: int = 0) -> ValidationReport:
+    from spectrt.runtime.backends.onnxruntime_backend import OrtDecoder, OrtOptions
+
+    arch = loaded.arch
+    decoder = OrtDecoder(onnx_path, num_layers=arch.num_layers, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                         precision=precision, max_context=max_context, vocab=vocab, options=OrtOptions(threads=threads))
+    diffs, agree, positions, plans = [], 0, 0, []
+    for text in texts:
+        token_ids = np.array(loaded.tokenizer(text)["input_ids"], dtype=np.int64)[: max_context]
+        plan = chunk_plan(len(token_ids), widths)
+        decoder.reset()
+        graph = run_graph_in_chunks(decoder, token_ids, plan)
+        reference = reference_logits(loaded.model, token_ids, vocab)
+        diffs.append(np.abs(graph - reference))
+        agree += int((graph.argmax(-1) == reference.argmax(-1)).sum())
+        positions += len(token_ids)
+        plans.extend(plan)
+    all_diffs = np.concatenate([d.ravel() for d in diffs])
+    limits = THRESHOLDS[precision]
+    max_diff, agreement = float(all_diffs.max()), agree / positions
+    report = ValidationReport(precision=precision, positions=positions, max_abs_logit_diff=max_diff,
+                              mean_abs_logit_diff=float(all_diffs.mean()), argmax_agreement=agreement,
+                              chunk_lengths=plans, thresholds=asdict(limits),
+                              passed=max_diff <= limits.max_abs_logit_diff and agreement >= limits.min_argmax_agreement)
+    return report
+
+
+def require_passed(report: ValidationReport, role: str) -> None:
+    if not report.passed:
+        raise ExportError(
+            f"the exported {role} graph does not match transformers: {report.summary()}; limits for {report.precision}: "
+            f"max|Δ| <= {report.thresholds['max_abs_logit_diff']}, agreement >= {report.thresholds['min_argmax_agreement']}. "
+            f"This is a spectrt bug for this model: please report it with the model config (or try --precision fp32)."
+        )

@@ -1,0 +1,107 @@
+"""ONNX Runtime backend: one InferenceSession per model, inputs and outputs bound in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spectrt.errors import BackendUnavailableError, GenerationError
+
+from ..kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """Session settings; threads=0 lets onnxruntime pick."""
+
+    threads: int = 0
+    provider: str = "auto"  # auto | cpu | cuda
+    optimization: str = "all"  # all | extended | basic | disabled
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError(
+            "the ONNX Runtime backend needs onnxruntime: `pip install spectrt[onnxruntime]` "
+            "(or spectrt[onnxruntime-gpu] on a CUDA machine)."
+        ) from None
+    return onnxruntime
+
+
+def _providers(ort, choice: str) -> list[str]:
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if choice == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BackendUnavailableError(f"CUDA execution provider not available (have {available}); "
+                                          f"install onnxruntime-gpu on a machine with an NVIDIA GPU or use provider 'cpu'.")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtDecoder:
+    """Runs a spectrt decoder graph step by step with an in-place KV cache (CPU buffers)."""
+
+    def __init__(self, onnx_path: Path, *, num_layers: int, kv_heads: int, head_dim: int, precision: str,
+                 max_context: int, vocab: int, options: OrtOptions = OrtOptions()):
+        ort = _import_ort()
+        session_options = ort.SessionOptions()
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        session_options.inter_op_num_threads = 1
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        session_options.graph_optimization_level = levels[options.optimization]
+        self.providers = _providers(ort, options.provider)
+        self.session = ort.InferenceSession(str(onnx_path), session_options, providers=self.providers)
+        self.num_layers = num_layers
+        self.max_context = max_context
+        self.vocab = vocab
+        self.cache = KVCache(num_layers, max_context, kv_heads, head_dim, precision)
+        self._logits = np.zeros((1, max_context, vocab), np.float32)  # [1, C, V] output buffer
+        self._np_dtype = self.cache.dtype
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        """token_ids [S] -> logits [S, V] (a view into a reused buffer: copy it if you keep it)."""
+        token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(1, -1)  # [1, S]
+        count = token_ids.shape[1]
+        if count == 0:
+            raise GenerationError("a decoder step needs at least one token.")
+        if self.cache.length + count > self.max_context:
+            raise GenerationError(f"context limit reached: {self.cache.length} cached + {count} new tokens exceed "
+                                  f"max context {self.max_context} of this bundle (rebuild with a larger --max-context).")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", token_ids)
+        logits = self._logits[:, :count]  # [1, S, V], contiguous
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        for layer in range(self.num_layers):
+            past_key, past_value = self.cache.past(layer)
+            new_key, new_value = self.cache.new_rows(layer, count)
+            for name, array in ((f"past_key_{layer}", past_key), (f"past_value_{layer}", past_value)):
+                binding.bind_input(name, "cpu", 0, self._np_dtype, array.shape, array.ctypes.data)
+            for name, array in ((f"new_key_{layer}", new_key), (f"new_value_{layer}", new_value)):
+                binding.bind_output(name, "cpu", 0, self._np_dtype, array.shape, array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits[0]
+
+    def commit(self, count: int) -> None:
+        self.cache.commit(count)
+
+    def rollback(self, length: int) -> None:
+        self.cache.rollback(length)
+
+    def reset(self) -> None:
+        self.cache.rollback(0)

