@@ -56,8 +56,8 @@ class BuildConfig:
             raise ConfigError(f"backend '{self.backend}' unknown; choose one of {', '.join(BACKENDS)}.")
         if self.workspace_mb is not None and self.workspace_mb <= 0:
             raise ConfigError("workspace_mb must be positive.")
-        if not 1 <= self.prefill_opt <= self.max_context:
-            raise ConfigError(f"prefill_opt must lie in 1..max_context ({self.max_context}).")
+        if self.prefill_opt < 1:
+            raise ConfigError("prefill_opt must be >= 1 (it is capped at max_context).")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ConfigError(f"bundle name '{self.name}' may only hold letters, digits, '.', '_' and '-'.")
 

