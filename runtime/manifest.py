@@ -139,8 +139,41 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_files(manifest: Manifest, *, check_hashes: bool = True, only: set[str] | None = None) -> None:
-    """Every listed file exists with the recorded size (and sha256 unless check_hashes=False)."""
+def _verified_cache_path() -> Path:
+    import os
+
+    root = os.environ.get("SPECTRT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spectrt")
+    return Path(root) / "verified-files.json"
+
+
+def _load_verified() -> dict[str, str]:
+    try:
+        return json.loads(_verified_cache_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _save_verified(records: dict[str, str]) -> None:
+    path = _verified_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time
+
+
+def verify_files(manifest: Manifest, *, check_hashes: bool = True, cache: bool = False,
+                 only: set[str] | None = None) -> None:
+    """Every listed file exists with the recorded size and sha256.
+
+    cache=True skips re-hashing a file whose (path, size, mtime) was verified against the same
+    sha256 before (recorded under the user cache dir), so loading a multi-GB bundle twice is cheap.
+    """
+    records = _load_verified() if cache else {}
+    changed = False
     for relative, facts in manifest.files.items():
         if only is not None and relative not in only:
             continue
@@ -151,9 +184,20 @@ def verify_files(manifest: Manifest, *, check_hashes: bool = True, only: set[str
         if size != facts.get("size"):
             raise BundleError(f"bundle file '{relative}' has {size} bytes, the manifest says {facts.get('size')}: "
                               f"the file is truncated or was replaced. Rebuild the bundle.")
-        if check_hashes and sha256_file(path) != facts.get("sha256"):
+        if not check_hashes:
+            continue
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if cache and records.get(key) == facts.get("sha256"):
+            continue
+        if sha256_file(path) != facts.get("sha256"):
             raise BundleError(f"bundle file '{relative}' does not match its sha256 in the manifest: it is corrupt "
                               f"or was modified. Rebuild the bundle (or copy it again).")
+        if cache:
+            records[key] = facts["sha256"]
+            changed = True
+    if changed:
+        _save_verified(records)
 
 
 def read_manifest(bundle_dir: Path | str) -> Manifest:

