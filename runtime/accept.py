@@ -22,6 +22,18 @@ def accept_greedy(proposal: np.ndarray, target_logits: np.ndarray) -> tuple[int,
     return accepted, int(target_tokens[accepted])
 
 
+def residual(target_row: np.ndarray, draft_row: np.ndarray | None, token: int) -> np.ndarray:
+    """Distribution to resample from after rejecting `token`: max(0, target - draft) (unnormalised) [V]."""
+    if draft_row is None:  # point-mass draft: remove the rejected token
+        out = target_row.copy()
+        out[token] = 0.0
+    else:
+        out = np.maximum(target_row - draft_row, 0.0)
+    if out.sum() <= 0.0:  # draft and target agree exactly: rejection had probability 0
+        return target_row
+    return out
+
+
 def accept_sampled(proposal: np.ndarray, draft_probs: np.ndarray | None, target_probs: np.ndarray,
                    rng: np.random.Generator) -> tuple[int, int]:
     """Rejection sampling.
@@ -34,12 +46,6 @@ def accept_sampled(proposal: np.ndarray, draft_probs: np.ndarray | None, target_
         draft_p = 1.0 if draft_probs is None else draft_probs[position, token]
         if draft_p > 0 and rng.random() * draft_p < target_p:  # accept with prob min(1, target_p / draft_p)
             continue
-        if draft_probs is None:
-            residual = target_probs[position].copy()  # max(0, target - point mass)
-            residual[token] = 0.0
-        else:
-            residual = np.maximum(target_probs[position] - draft_probs[position], 0.0)  # [V]
-        if residual.sum() <= 0.0:  # draft and target agree exactly: rejection had probability 0
-            residual = target_probs[position]
-        return position, sample(residual, rng)
+        draft_row = None if draft_probs is None else draft_probs[position]
+        return position, sample(residual(target_probs[position], draft_row, int(token)), rng)
     return len(proposal), sample(target_probs[len(proposal)], rng)

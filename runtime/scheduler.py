@@ -98,7 +98,7 @@ class WidthScheduler:
     def width(self, limit: int, model_draft: bool = True) -> int:
         """Width for the next round, at most `limit` (remaining budget / context)."""
         if self.fixed is not None:
-            return self.fixed if self.fixed <= limit else max((k for k in self.built if k <= limit), default=0)
+            return min(self.fixed, limit)  # the ONNX Runtime graph takes any K+1 length
         candidates = [k for k in self.built if k <= limit]
         if not candidates:
             return 0

@@ -75,3 +75,39 @@ def smollm2_bundle(smollm2_gguf, smollm2_layer_skip_draft, tmp_path_factory) -> 
                          max_context=512, out=str(out))
     build_bundle(config, progress=Progress(quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
+    """Tiny llama target (3 layers) + draft (1 layer), fp32 ONNX, widths 1,2,3,5, max context 128."""
+    from spectrt.compiler.build import build_bundle
+    from spectrt.compiler.config import BuildConfig
+    from spectrt.compiler.progress import Progress
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    target, draft = tiny_llama_pair
+    build_bundle(BuildConfig(target=str(target), draft=str(draft), widths=(1, 2, 3, 5), max_context=128, out=str(out)),
+                 progress=Progress(quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_bundle):
+    from spectrt.runtime.generator import Generator
+
+    return Generator(tiny_bundle, threads=1)
+
+
+def transformers_greedy(model_dir_or_model, prompt_ids, new_tokens, gguf_file=None):
+    """Reference: transformers' own greedy decoding of the target (no eos stop)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = model_dir_or_model
+    if not hasattr(model, "generate"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir_or_model, gguf_file=gguf_file, dtype=torch.float32)
+        model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()

@@ -42,8 +42,10 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 300, corpus: list[str] | Non
 def make_model(out_dir: Path, kind: str = "llama", *, layers: int = 2, hidden: int = 64, heads: int = 4,
                kv_heads: int = 2, vocab: int = 300, tie: bool = True, seed: int = 0, tokenizer_vocab: int = 300,
                tokenizer_corpus: list[str] | None = None, rope_scaling: dict | None = None,
-               max_position_embeddings: int = 512) -> Path:
-    """Save a random-weight model (+ tokenizer) as a Hugging Face folder and return it."""
+               max_position_embeddings: int = 512, perturb: float = 0.0) -> Path:
+    """Save a random-weight model (+ tokenizer) as a Hugging Face folder and return it.
+
+    perturb > 0 adds Gaussian noise of that size to every weight (a similar-but-different draft)."""
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig)
 
@@ -65,6 +67,10 @@ def make_model(out_dir: Path, kind: str = "llama", *, layers: int = 2, hidden: i
             layer.input_layernorm.weight.fill_(1.0)
             layer.post_attention_layernorm.weight.fill_(1.0)
         model.model.norm.weight.fill_(1.0)
+        if perturb:  # a draft that resembles the seed's model: same weights plus noise
+            noise = torch.Generator().manual_seed(seed + 1000)
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=noise) * perturb)
     model.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(out_dir)
     return out_dir
