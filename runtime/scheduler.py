@@ -46,8 +46,11 @@ class CostModel:
     smoothing: float = 0.3
     draft_cost: float | None = None  # one draft decode step
     verify_cost: dict[int, float] = field(default_factory=dict)  # k -> one target call with k+1 tokens
-    acceptance: float = 0.6  # prior until measured
-    acceptance_weight: float = 0.0  # how many proposals the estimate has seen (saturating)
+    prior_acceptance: float = 0.6  # used until proposals have been measured
+    prior_weight: float = 2.0  # the prior counts as this many trials
+    decay: float = 0.8  # per round: recent rounds count most (window of ~5 rounds)
+    accepted_count: float = 0.0  # decayed count of accepted proposals
+    trial_count: float = 0.0  # decayed count of proposals judged (accepted + first rejected)
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -59,15 +62,18 @@ class CostModel:
         if steps:
             self.draft_cost = self._ema(self.draft_cost, seconds / steps)
 
+    @property
+    def acceptance(self) -> float:
+        """Per-token acceptance estimate: decayed accepted / judged proposals, shrunk towards the prior."""
+        return ((self.accepted_count + self.prior_acceptance * self.prior_weight)
+                / (self.trial_count + self.prior_weight))
+
     def record_acceptance(self, proposed: int, accepted: int) -> None:
         """Update from one round: positions 1..accepted were accepted, position accepted+1 (if any) rejected."""
         if proposed == 0:
             return
-        trials = accepted + (1 if accepted < proposed else 0)
-        rate = accepted / trials
-        weight = min(trials / 8.0, 1.0) * self.smoothing
-        self.acceptance = (1 - weight) * self.acceptance + weight * rate
-        self.acceptance_weight += trials
+        self.accepted_count = self.decay * self.accepted_count + accepted
+        self.trial_count = self.decay * self.trial_count + accepted + (1 if accepted < proposed else 0)
 
 
 class WidthScheduler:

@@ -98,16 +98,28 @@ def tiny_generator(tiny_bundle):
     return Generator(tiny_bundle, threads=1)
 
 
-def transformers_greedy(model_dir_or_model, prompt_ids, new_tokens, gguf_file=None):
-    """Reference: transformers' own greedy decoding of the target (no eos stop)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def transformers_greedy(model, prompt_ids, new_tokens):
+    """Reference: greedy decoding with the transformers model and its own KV cache, no eos stop
+    (a plain argmax loop: `generate(min_new_tokens=...)` would suppress eos and change the tokens)."""
+    import inspect
 
-    model = model_dir_or_model
-    if not hasattr(model, "generate"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir_or_model, gguf_file=gguf_file, dtype=torch.float32)
-        model.eval()
+    import torch
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens = []
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        for _ in range(new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            out = model(torch.tensor([[token]]), use_cache=True, **{cache_arg: cache})
+    return tokens
+
+
+@pytest.fixture(autouse=True)
+def _private_verified_cache(tmp_path, monkeypatch):
+    """Keep the runtime's verified-files record out of the user's cache during tests."""
+    import spectrt.runtime.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "_verified_cache_path", lambda: tmp_path / "verified-files.json")

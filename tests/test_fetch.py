@@ -244,7 +244,7 @@ def test_resolve_model(tmp_path, monkeypatch):
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECTRT_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert default_cache_dir() == tmp_path / "a"
+    assert default_cache_dir() == tmp_path / "a" / "models"
     monkeypatch.delenv("SPECTRT_CACHE")
     assert default_cache_dir() == tmp_path / "x" / "spectrt" / "models"
     monkeypatch.delenv("XDG_CACHE_HOME")

@@ -1,0 +1,76 @@
+"""The cost model and the width scheduler."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectrt.errors import GenerationError
+from spectrt.runtime.scheduler import (CostModel, WidthScheduler, acceptance_from_mean_accepted,
+                                       expected_speedup, expected_tokens_per_round)
+
+
+def test_expected_tokens_per_round_formula():
+    assert expected_tokens_per_round(0.0, 4) == 1.0
+    assert expected_tokens_per_round(1.0, 4) == 5.0
+    assert expected_tokens_per_round(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens_per_round(0.8, 0) == 1.0
+
+
+def test_expected_speedup_matches_hand_computation():
+    # a=0.8, k=4: tokens/round = (1-0.8^5)/0.2 = 3.3616; cost = 4*0.1 + 1.2 = 1.6 (plain = 1.0)
+    assert expected_speedup(0.8, 4, 0.1, 1.2, 1.0) == pytest.approx(3.3616 / 1.6)
+
+
+def test_acceptance_inversion_roundtrip():
+    for a in (0.1, 0.5, 0.9):
+        mean_accepted = sum(a ** i for i in range(1, 5))
+        assert acceptance_from_mean_accepted(mean_accepted, 4) == pytest.approx(a, abs=1e-6)
+
+
+def _measured(acceptance, draft_cost, verify):
+    costs = CostModel(draft_cost=draft_cost, verify_cost=dict(verify), prior_acceptance=acceptance)
+    return WidthScheduler((2, 4, 8), "auto", costs=costs)
+
+
+def test_auto_picks_wide_when_acceptance_is_high_and_draft_cheap():
+    scheduler = _measured(0.95, 0.01, {0: 1.0, 2: 1.05, 4: 1.1, 8: 1.2})
+    assert scheduler.width(limit=100) == 8
+
+
+def test_auto_picks_narrow_when_verification_cost_grows_fast():
+    scheduler = _measured(0.7, 0.05, {0: 1.0, 2: 1.1, 4: 2.5, 8: 5.0})
+    assert scheduler.width(limit=100) == 2
+
+
+def test_auto_falls_back_to_plain_when_speculation_cannot_pay_and_probes_later():
+    scheduler = _measured(0.1, 0.5, {0: 1.0, 2: 1.2, 4: 1.5, 8: 2.0})
+    widths = [scheduler.width(limit=100) for _ in range(32)]
+    assert widths.count(0) == 30  # plain decoding...
+    assert widths[15] == 2 and widths[31] == 2  # ...with a probe of the smallest width every 16 rounds
+
+
+def test_auto_measures_unmeasured_widths_first_and_respects_limit():
+    scheduler = WidthScheduler((2, 4, 8), "auto")
+    assert scheduler.width(limit=100) == 8
+    scheduler.costs.record_verify(8, 1.0)
+    assert scheduler.width(limit=100) == 4
+    assert scheduler.width(limit=3) == 2  # only widths <= limit
+    assert scheduler.width(limit=1) == 0
+
+
+def test_acceptance_estimate_adapts():
+    costs = CostModel(prior_acceptance=0.6)
+    for _ in range(20):
+        costs.record_acceptance(proposed=4, accepted=4)
+    assert costs.acceptance > 0.95
+    for _ in range(20):
+        costs.record_acceptance(proposed=4, accepted=0)
+    assert costs.acceptance < 0.25  # the data says ~0.05; the prior (0.6 x 2 trials) still pulls a little
+
+
+def test_fixed_width_must_be_built():
+    with pytest.raises(GenerationError, match="width 3 was not built.*2, 4, 8"):
+        WidthScheduler((2, 4, 8), 3)
+    assert WidthScheduler((2, 4, 8), 4).width(limit=100) == 4
+    assert WidthScheduler((2, 4, 8), 4).width(limit=2) == 2
+    assert WidthScheduler((2, 4, 8), 0).width(limit=100) == 0
