@@ -122,11 +122,16 @@ def compile_tensorrt(role: str, entry: dict[str, Any], config: BuildConfig, work
     arch = entry["arch"]
     profiles = decoder_profiles(role, config.widths, config.max_context, arch["num_layers"], arch["num_kv_heads"],
                                 arch["head_dim"], config.prefill_opt)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     with progress.step(f"compile {role} TensorRT engine ({len(profiles)} profiles)"):
-        info = build_engine(work_dir / f"{role}.onnx", work_dir / f"{role}.engine", profiles,
-                            workspace_mb=config.workspace_mb,
-                            timing_cache=Path(config.timing_cache) if config.timing_cache else None,
-                            compute_capabilities=config.compute_capabilities)
+        # a fresh process: TensorRT's peak (about 2x the weights) does not stack on what export left behind
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            info = pool.submit(build_engine, work_dir / f"{role}.onnx", work_dir / f"{role}.engine", profiles,
+                               workspace_mb=config.workspace_mb,
+                               timing_cache=Path(config.timing_cache) if config.timing_cache else None,
+                               compute_capabilities=config.compute_capabilities).result()
     return {"path": info.path.name, "module": info.module, "version": info.version, "profiles": info.profiles,
             "compute_capabilities": info.compute_capabilities,
             "built_on_gpu_compute_capability": info.gpu_compute_capability,

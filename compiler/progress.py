@@ -10,9 +10,10 @@ from typing import Iterator, TextIO
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (and waited-for children) in MiB."""
+    """Peak resident memory of this process or of its largest finished child (e.g. a TensorRT build), in MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return own / 1024.0  # Linux reports KiB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024.0  # Linux reports KiB
 
 
 class Progress:

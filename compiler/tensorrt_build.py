@@ -87,6 +87,61 @@ def _make_logger(trt: Any) -> Any:
     return CollectingLogger()
 
 
+def _capsule_pointer(capsule: Any) -> int:
+    import ctypes
+
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype = ctypes.c_void_p
+    get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    return get_pointer(capsule, None)
+
+
+def _make_file_writer(trt: Any, handle: Any) -> Any:
+    import ctypes
+
+    class FileStreamWriter(trt.IStreamWriter):
+        """Writes the engine to disk chunk by chunk instead of holding the whole plan in memory."""
+
+        def __init__(self) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.written = 0
+
+        def write(self, data: Any, size: int | None = None) -> int:
+            if size is None:  # bindings that pass a buffer object
+                chunk = memoryview(data).cast("B")
+                handle.write(chunk)
+                size = chunk.nbytes
+            else:  # bindings that pass a capsule/pointer plus a size
+                pointer = data if isinstance(data, int) else _capsule_pointer(data)
+                handle.write(ctypes.string_at(pointer, size))
+            self.written += size
+            return size
+
+    return FileStreamWriter()
+
+
+def _serialize_to_file(trt: Any, builder: Any, network: Any, config: Any, engine_path: Path, logger: Any) -> None:
+    """Build and write the plan; streams it to disk when the TensorRT version can (saves a plan-sized copy)."""
+    tmp_path = engine_path.with_name(engine_path.name + ".partial")
+    try:
+        with open(tmp_path, "wb") as handle:
+            if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+                writer = _make_file_writer(trt, handle)
+                ok = builder.build_serialized_network_to_stream(network, config, writer) and writer.written > 0
+            else:
+                serialized = builder.build_serialized_network(network, config)
+                ok = serialized is not None
+                if ok:
+                    handle.write(memoryview(serialized))
+                    del serialized
+        if not ok:
+            raise EngineBuildError(f"TensorRT failed to build an engine for {engine_path.name}: "
+                                   + ("; ".join(logger.messages[-8:]) or "no message from TensorRT"))
+        tmp_path.replace(engine_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
 def gpu_compute_capability() -> str | None:
     """The local GPU's compute capability (e.g. '8.7' on Jetson Orin), or None without a GPU."""
     if not shutil.which("nvidia-smi"):
@@ -186,13 +241,9 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[ProfileSpec]
             if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
                 raise EngineBuildError(f"TensorRT could not use timing cache {timing_cache}; delete it and rebuild.")
     recorded = _add_profiles(builder, config, network, profiles)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"TensorRT failed to build an engine from {Path(onnx_path).name}: "
-                               + "; ".join(logger.messages[-8:]))
     engine_path = Path(engine_path)
-    with open(engine_path, "wb") as handle:
-        handle.write(memoryview(serialized))
+    _serialize_to_file(trt, builder, network, config, engine_path, logger)
+    del network, _parser
     if cache is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
