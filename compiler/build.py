@@ -87,13 +87,22 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     with progress.step(f"load {role} ({source.name})"):
         loaded = load_model(source)
     onnx_path = work_dir / f"{role}.onnx"
-    with progress.step(f"export {role} ONNX ({config.precision}, {loaded.arch.num_layers} layers)"):
-        export_onnx(loaded, GraphSpec(config.precision, config.max_context, vocab), onnx_path)
+    quantize = config.quantize_for(role)
+    # The target computes quantized layers in fp32 (accuracy level 0): int8 activation quantization
+    # (level 4) is faster but turns the ~1e-6 differences between a 1-token and a K+1-token call
+    # into whole quantization steps, which breaks greedy exactness. The draft only proposes, so it
+    # takes the fast path.
+    spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize,
+                     accuracy_level=0 if role == "target" else 4)
+    label = config.precision + (f", {quantize} weights" if spec.quantized else "")
+    with progress.step(f"export {role} ONNX ({label}, {loaded.arch.num_layers} layers)"):
+        export_onnx(loaded, spec, onnx_path)
     validation = None
     if config.validate:
         with progress.step(f"validate {role} against transformers"):
             report = validate_graph(onnx_path, loaded, precision=config.precision, max_context=config.max_context,
-                                    vocab=vocab, widths=config.widths if role == "target" else (1,))
+                                    vocab=vocab, widths=config.widths if role == "target" else (1,),
+                                    quantize=quantize)
         progress.say(f"    {role}: {report.summary()}")
         require_passed(report, role)
         validation = report.to_json()
@@ -105,7 +114,13 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "logits_vocab": vocab,
         "widths": list(config.widths) if role == "target" else [],
         "graph": tensor_specs(loaded.arch, config.precision, vocab),
-        "backends": {"onnx": {"path": onnx_path.name, "data": onnx_path.name + ".data", "opset": 17}},
+        "quantization": ({"scheme": quantize,
+                          "method": ("affine 4-bit blocks (float offset), lm_head int8" if quantize == "int4"
+                                     else "symmetric 8-bit blocks") + ", onnxruntime MatMulNBits",
+                          "block_size": spec.block_size, "accuracy_level": spec.accuracy_level}
+                         if spec.quantized else None),
+        "backends": {"onnx": {"path": onnx_path.name, "data": onnx_path.name + ".data", "opset": 17,
+                              "contrib_ops": ["com.microsoft.MatMulNBits"] if spec.quantized else []}},
         "validation": validation,
         "source": {"name": source.name, "files": loaded.source_files},
     }

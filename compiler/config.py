@@ -12,6 +12,7 @@ from spectrt.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "tensorrt", "all")
+QUANTIZE = ("none", "int8", "int4")
 DEFAULT_WIDTHS = (2, 4, 8)
 
 
@@ -32,6 +33,8 @@ class BuildConfig:
     timing_cache: str | None = None  # TensorRT timing cache file (read if present, written after build)
     compute_capabilities: tuple[str, ...] = field(default=())  # TensorRT-RTX targets, e.g. ("SM86",)
     prefill_opt: int = 128  # TensorRT prefill profile's optimal length
+    quantize: str = "none"  # none | int8 | int4: weight-only quantized ONNX for the ONNX Runtime CPU path
+    draft_quantize: str | None = None  # the draft's scheme if different (None = same as quantize)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(sorted(set(int(w) for w in self.widths))))
@@ -54,12 +57,26 @@ class BuildConfig:
             raise ConfigError(f"precision '{self.precision}' unknown; choose one of {', '.join(PRECISIONS)}.")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend '{self.backend}' unknown; choose one of {', '.join(BACKENDS)}.")
+        for option in ("quantize", "draft_quantize"):
+            value = getattr(self, option)
+            if value is not None and value not in QUANTIZE:
+                raise ConfigError(f"{option} '{value}' unknown; choose one of {', '.join(QUANTIZE)}.")
+        if self.wants_tensorrt and (self.quantize_for("target"), self.quantize_for("draft")) != ("none", "none"):
+            raise ConfigError(f"--quantize/--draft-quantize make onnxruntime MatMulNBits graphs for the CPU path, which "
+                              f"TensorRT cannot parse; use --backend onnx with it, or build TensorRT engines "
+                              f"without --quantize (e.g. --precision fp16).")
         if self.workspace_mb is not None and self.workspace_mb <= 0:
             raise ConfigError("workspace_mb must be positive.")
         if self.prefill_opt < 1:
             raise ConfigError("prefill_opt must be >= 1 (it is capped at max_context).")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ConfigError(f"bundle name '{self.name}' may only hold letters, digits, '.', '_' and '-'.")
+
+    def quantize_for(self, role: str) -> str:
+        """Weight quantization scheme of the target or the draft."""
+        if role == "draft" and self.draft_quantize is not None:
+            return self.draft_quantize
+        return self.quantize
 
     @property
     def wants_onnx_only(self) -> bool:

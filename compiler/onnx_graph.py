@@ -14,7 +14,9 @@ call verifies K+1 tokens. The graph returns only the new cache rows: the runtime
 into a preallocated cache at row P and passes the prefix [:P] back next call (a contiguous view
 because the layout is sequence-major), so rolling back is moving P and no step copies the cache.
 
-Only plain ONNX ops (opset 17) are used so TensorRT 10.3+ parses the graph. In fp16 graphs the
+Only plain ONNX ops (opset 17) are used so TensorRT 10.3+ parses the graph; the one exception is the
+optional weight-only quantized CPU variant (quantize=int8/int4), whose linear layers use
+onnxruntime's MatMulNBits and which is for ONNX Runtime only. In fp16 graphs the
 norms, softmax and logits are computed in fp32. Weights go to one external-data file written
 tensor by tensor, so the graph never holds all weights in memory twice.
 """
@@ -22,7 +24,7 @@ tensor by tensor, so the graph never holds all weights in memory twice.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -113,6 +115,25 @@ class GraphBuilder:
         self.initializers.append(self.writer.tensor(name, array.astype(dtype or self.np_dtype, copy=False)))
         return name
 
+    def linear(self, x: str, name: str, weight_nk: np.ndarray, spec: "GraphSpec") -> str:
+        """x @ W^T for a PyTorch-layout weight [N, K]: MatMul, or MatMulNBits when quantizing."""
+        if not spec.quantized:
+            return self.op("MatMul", [x, self.weight(name, np.ascontiguousarray(weight_nk.T))])
+        bits = 8 if spec.quantize == "int8" else 4
+        n, k = weight_nk.shape
+        if k % spec.block_size:
+            raise ValueError(f"{name}: input size {k} is not a multiple of the quantization block {spec.block_size}")
+        packed, scales, offsets = quantize_blockwise(weight_nk, bits, spec.block_size)
+        inputs = [x, self.weight(name + ".q", packed, np.uint8), self.weight(name + ".scales", scales)]  # scales: activation type
+        out = self.op("MatMulNBits", inputs, prefix="matmul_nbits", domain="com.microsoft",
+                      K=k, N=n, bits=bits, block_size=spec.block_size, accuracy_level=spec.accuracy_level)
+        if offsets is not None:  # + sum over blocks of (sum of the block's inputs) * offset
+            blocked = self.op("Reshape", [x, self.ints([-1, k // spec.block_size, spec.block_size])])  # [S, K/bs, bs]
+            block_sums = self.op("ReduceSum", [blocked, self.ints([-1])], keepdims=0)  # [S, K/bs]
+            offsets_kn = self.weight(name + ".offsets", np.ascontiguousarray(offsets.T))  # [K/bs, N]
+            out = self.op("Add", [out, self.op("MatMul", [block_sums, offsets_kn])])  # batch is 1: [S, N] broadcasts
+        return out
+
     def ints(self, values: list[int]) -> str:
         return self.const(np.array(values, dtype=np.int64), "shape")
 
@@ -125,11 +146,67 @@ WeightFn = Callable[[str], np.ndarray]  # HF state-dict name -> fp32 numpy array
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """What to build: precision, maximum context and the shared logits width."""
+    """What to build: precision, maximum context, the shared logits width and weight quantization."""
 
     precision: str  # fp32 | fp16
     max_context: int
     logits_vocab: int  # rows of the embedding / lm_head kept (the tokenizer's size)
+    quantize: str = "none"  # none | int8 | int4 (lm_head int8): weight-only, onnxruntime MatMulNBits (CPU path)
+    block_size: int = 32  # quantization block along the input dimension
+    accuracy_level: int = 0  # MatMulNBits compute: 0 = in the activation type, 4 = int8 activations (fast on CPU)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize != "none"
+
+
+def quantize_blockwise(weight_nk: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Blockwise weight quantization in onnxruntime's MatMulNBits layout.
+
+    weight_nk [N, K] (out, in) -> packed uint8 [N, blocks, block_size * bits / 8], fp32 scales
+    [N * blocks] and per-block offsets [N, blocks] (int4) or None (int8).
+    int4 is affine with a float offset per block: w ~= (q - 8) * scale + offset, with
+    scale = (max - min) / 15 and offset = min + 8 * scale. GGUF's Q4_1 blocks are exactly such a
+    grid (min and max are levels 0 and 15), so their weights are reproduced to float rounding;
+    the offsets are applied by a small extra MatMul on per-block input sums. int8 is symmetric:
+    w ~= (q - 128) * scale.
+    """
+    n, k = weight_nk.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((n, blocks * block_size), np.float32)
+    padded[:, :k] = weight_nk
+    grouped = padded.reshape(n, blocks, block_size)  # [N, blocks, bs]
+    levels = 2 ** bits - 1
+    middle = 2 ** (bits - 1)
+    offsets = None
+    if bits == 4:
+        low, high = grouped.min(axis=-1), grouped.max(axis=-1)  # [N, blocks]
+        scales = (high - low) / levels
+        scales[scales == 0] = 1.0
+        q = np.clip(np.rint((grouped - low[..., None]) / scales[..., None]), 0, levels).astype(np.uint8)
+        offsets = (low + middle * scales).astype(np.float32)  # so that (q - 8) * scale + offset = low + q * scale
+        q = q[..., 0::2] | (q[..., 1::2] << 4)  # two values per byte, low nibble first
+    else:
+        scales = np.abs(grouped).max(axis=-1) / (middle - 1)
+        scales[scales == 0] = 1.0
+        q = np.clip(np.rint(grouped / scales[..., None]) + middle, 0, levels).astype(np.uint8)
+    return np.ascontiguousarray(q), scales.astype(np.float32).reshape(-1), offsets
+
+
+def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int,
+                         block_size: int, k: int) -> np.ndarray:
+    """Inverse of quantize_blockwise -> [N, K] fp32 (used by tests)."""
+    n, blocks = packed.shape[0], packed.shape[1]
+    if bits == 4:
+        q = np.empty((n, blocks, block_size), np.uint8)
+        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+    else:
+        q = packed
+    values = (q.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(n, blocks, 1)
+    if offsets is not None:
+        values = values + offsets[..., None]
+    return values.reshape(n, blocks * block_size)[:, :k]
+
 
 
 def _rms_norm(gb: GraphBuilder, x: str, weight: str, eps: float) -> str:
@@ -152,12 +229,12 @@ def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
 
 
 def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str,
-               cos: str, sin: str, mask: str) -> tuple[str, str, str]:
+               cos: str, sin: str, mask: str, spec: GraphSpec) -> tuple[str, str, str]:
     """Grouped-query attention over past + new tokens. Returns (attn_out, new_key, new_value)."""
     prefix = f"model.layers.{layer}.self_attn"
     heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    qkv_weight = np.concatenate([weights(f"{prefix}.{p}_proj.weight") for p in "qkv"], axis=0).T  # [H, (h+2kv)*D]
-    qkv = gb.op("MatMul", [h, gb.weight(f"layers.{layer}.attn.qkv.weight", qkv_weight)])
+    qkv_weight = np.concatenate([weights(f"{prefix}.{p}_proj.weight") for p in "qkv"], axis=0)  # [(h+2kv)*D, H]
+    qkv = gb.linear(h, f"layers.{layer}.attn.qkv.weight", qkv_weight, spec)
     if arch.attention_bias:
         qkv_bias = np.concatenate([weights(f"{prefix}.{p}_proj.bias") for p in "qkv"])
         qkv = gb.op("Add", [qkv, gb.weight(f"layers.{layer}.attn.qkv.bias", qkv_bias)])
@@ -185,19 +262,17 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     context = gb.op("MatMul", [probs, values_t])  # [kv, g, S, D]
     context = gb.op("Transpose", [context], perm=[2, 0, 1, 3])  # [S, kv, g, D]
     context = gb.op("Reshape", [context, gb.ints([1, -1, heads * head_dim])])  # [1, S, h*D]
-    o_weight = weights(f"{prefix}.o_proj.weight").T  # [h*D, H]
-    out = gb.op("MatMul", [context, gb.weight(f"layers.{layer}.attn.o.weight", o_weight)])
+    out = gb.linear(context, f"layers.{layer}.attn.o.weight", weights(f"{prefix}.o_proj.weight"), spec)  # [1, S, H]
     return out, new_key, new_value
 
 
-def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str) -> str:
+def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str, spec: GraphSpec) -> str:
     prefix = f"model.layers.{layer}.mlp"
-    gate_up_weight = np.concatenate([weights(f"{prefix}.gate_proj.weight"), weights(f"{prefix}.up_proj.weight")], axis=0).T
-    gate_up = gb.op("MatMul", [h, gb.weight(f"layers.{layer}.mlp.gate_up.weight", gate_up_weight)])  # [1, S, 2I]
+    gate_up_weight = np.concatenate([weights(f"{prefix}.gate_proj.weight"), weights(f"{prefix}.up_proj.weight")], axis=0)
+    gate_up = gb.linear(h, f"layers.{layer}.mlp.gate_up.weight", gate_up_weight, spec)  # [1, S, 2I]
     gate, up = gb.op("Split", [gate_up, gb.ints([arch.intermediate_size] * 2)], n_out=2, axis=-1)
     activated = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])  # silu(gate) * up
-    down_weight = weights(f"{prefix}.down_proj.weight").T  # [I, H]
-    return gb.op("MatMul", [activated, gb.weight(f"layers.{layer}.mlp.down.weight", down_weight)])
+    return gb.linear(activated, f"layers.{layer}.mlp.down.weight", weights(f"{prefix}.down_proj.weight"), spec)
 
 
 def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
@@ -230,10 +305,13 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         vocab = spec.logits_vocab
         embed = weights("model.embed_tokens.weight")[:vocab]  # [V, H]
         embed_name = gb.weight("embed_tokens.weight", embed)
-        if arch.tie_word_embeddings:
+        lm_head_weight = embed if arch.tie_word_embeddings else weights("lm_head.weight")[:vocab]  # [V, H]
+        if spec.quantized:
+            lm_head_name = None  # quantized separately below (its own MatMulNBits weights)
+        elif arch.tie_word_embeddings:
             lm_head_name = embed_name
         else:
-            lm_head_name = gb.weight("lm_head.weight", weights("lm_head.weight")[:vocab])  # [V, H]
+            lm_head_name = gb.weight("lm_head.weight", lm_head_weight)
 
         positions, mask = _positions_and_mask(gb)
         cos_table = gb.weight("rope.cos", rope_cos[: spec.max_context])  # [max_ctx, D]
@@ -247,10 +325,11 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
             prefix = f"model.layers.{layer}"
             ln1 = gb.weight(f"layers.{layer}.input_norm.weight", weights(f"{prefix}.input_layernorm.weight"))
             attn_out, new_key, new_value = _attention(gb, arch, weights, layer, _rms_norm(gb, hidden, ln1, arch.rms_norm_eps),
-                                                      cos, sin, mask)
+                                                      cos, sin, mask, spec)
             hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
             ln2 = gb.weight(f"layers.{layer}.post_attn_norm.weight", weights(f"{prefix}.post_attention_layernorm.weight"))
-            hidden = gb.op("Add", [hidden, _mlp(gb, arch, weights, layer, _rms_norm(gb, hidden, ln2, arch.rms_norm_eps))],
+            hidden = gb.op("Add", [hidden, _mlp(gb, arch, weights, layer, _rms_norm(gb, hidden, ln2, arch.rms_norm_eps),
+                                                spec)],
                            prefix="residual")
             gb.nodes.append(helper.make_node("Identity", [new_key], [f"new_key_{layer}"]))
             gb.nodes.append(helper.make_node("Identity", [new_value], [f"new_value_{layer}"]))
@@ -259,7 +338,11 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         final_norm = gb.weight("final_norm.weight", weights("model.norm.weight"))
         hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
         hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
-        logits = gb.op("Gemm", [hidden_2d, lm_head_name], transB=1)  # [S, V]
+        if spec.quantized:  # the output layer is the most sensitive one: int8 even in the int4 scheme
+            head_spec = replace(spec, quantize="int8") if spec.quantize == "int4" else spec
+            logits = gb.linear(hidden_2d, "lm_head.weight", lm_head_weight, head_spec)  # [S, V]
+        else:
+            logits = gb.op("Gemm", [hidden_2d, lm_head_name], transB=1)  # [S, V]
         if onnx_dtype != TensorProto.FLOAT:
             logits = gb.op("Cast", [logits], to=TensorProto.FLOAT)
         gb.nodes.append(helper.make_node("Unsqueeze", [logits, gb.ints([0])], ["logits"]))
@@ -275,7 +358,10 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
             graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", onnx_dtype, kv_shape_past))
             graph_outputs.append(helper.make_tensor_value_info(f"new_{kind}_{layer}", onnx_dtype, kv_shape_new))
     graph = helper.make_graph(gb.nodes, "spectrt_decoder", graph_inputs, graph_outputs, gb.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="spectrt")
+    opsets = [helper.make_opsetid("", OPSET)]
+    if spec.quantized:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))  # MatMulNBits: onnxruntime only
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="spectrt")
     model.ir_version = 8  # readable by onnx >= 1.10 / TensorRT 10.3's parser
     tmp_path = onnx_path.with_name(onnx_path.name + ".tmp")
     with open(tmp_path, "wb") as handle:

@@ -54,6 +54,12 @@ def _build_options(func):
         click.option("--backend", type=click.Choice(["onnx", "tensorrt", "all"]),
                      help="onnx: ONNX graphs only (run with onnxruntime); tensorrt/all: also compile TensorRT "
                           "engines [default: onnx]."),
+        click.option("--quantize", type=click.Choice(["none", "int8", "int4"]),
+                     help="Weight-only quantized ONNX for the ONNX Runtime CPU path (onnxruntime MatMulNBits; "
+                          "not for TensorRT) [default: none]."),
+        click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4"]),
+                     help="The draft's weight quantization if different from --quantize (a cheaper draft only "
+                          "changes acceptance, never the output) [default: same as --quantize]."),
         click.option("--out", help="Bundle folder [default: engines/<name>]."),
         click.option("--name", help="Bundle name [default: from the target]."),
         click.option("--validate/--no-validate", default=None,
@@ -144,7 +150,8 @@ def build_summary(manifest: dict[str, Any], bundle_dir: Path, seconds: float | N
             "model": entry["source"]["name"],
             "architecture": f"{arch['model_type']}: {arch['num_layers']} layers, hidden {arch['hidden_size']}, "
                             f"{arch['num_heads']} heads / {arch['num_kv_heads']} KV heads x {arch['head_dim']}",
-            "precision": entry["precision"],
+            "precision": entry["precision"] + (f" + {entry['quantization']['scheme']} weights"
+                                               if entry.get("quantization") else ""),
             "widths": entry["widths"],
             "backends": sorted(backends),
             "tensorrt_profiles": [p["name"] for p in trt["profiles"]] if trt else [],
