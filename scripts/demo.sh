@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up .venv, then fetch the default Qwen2.5-Coder pair, build its
+# bundle (engines/qwen-coder-cpu) if needed and generate with and without speculation.
+# Pass --small for the one-minute SmolLM2 version.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/spectrt demo "$@"

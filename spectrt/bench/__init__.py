@@ -1,0 +1,1 @@
+"""Latency benchmarks: workloads, the runner (same-run plain baseline), reports and plots."""

@@ -1,0 +1,129 @@
+"""Write benchmark results: full JSON, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    bundle = results["bundle"]
+    config = results["config"]
+    lines = [
+        f"# spectrt benchmark: {bundle['name']}",
+        "",
+        f"- target `{bundle['target']}`, draft `{bundle['draft']}`, precision {bundle['precision']}, "
+        f"weights {bundle['quantization']}",
+        f"- {config['max_new_tokens']} new tokens, greedy, {config['repeats']} repeats (median), warm-up {config['warmup']}, "
+        f"prompts per workload: {config['prompts'] or 'all'}",
+        f"- machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cpus')} cores, "
+        f"onnxruntime {results['machine'].get('onnxruntime')}",
+        f"- command: `{results['command']}`",
+        "",
+        "Tokens/s are decode tokens/s (after the first token), median over prompts of the per-prompt median; "
+        "speed-up is the median per-prompt ratio to plain decoding of the same target in the same run; "
+        "predicted is the Leviathan et al. formula from the measured acceptance and per-call costs. "
+        "Exact = prompts whose tokens equal plain decoding's.",
+        "",
+    ]
+    for workload, data in results["workloads"].items():
+        lines += [f"## {workload}", "",
+                  "| config | tok/s | speed-up | predicted | acceptance | accepted/round | tokens/round | TTFT s "
+                  "| p50 s | p95 s | plain rounds | exact |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in data["summaries"]:
+            predicted = (s.get("predicted") or {}).get("speedup")
+            lines.append(
+                f"| {s['config']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['speedup_vs_plain'])}x | "
+                f"{_fmt(predicted)}{'x' if predicted else ''} | {_fmt(s['acceptance_rate'], '.0%')} | "
+                f"{_fmt(s['mean_accepted_length'])} | {_fmt(s['tokens_per_round'])} | {_fmt(s['time_to_first_token'], '.3f')} | "
+                f"{_fmt(s['token_latency_p50'], '.3f')} | {_fmt(s['token_latency_p95'], '.3f')} | "
+                f"{s['fallback_rounds']}/{s['rounds']} | {s['exact_match_with_plain']}/{s['prompts']} |")
+        lines.append("")
+    peer = results.get("peer")
+    if peer:
+        lines += [f"## peer: {peer['tool']} {peer['version']} ({peer['workload']} workload, {peer['precision']})", "",
+                  f"{peer['metric']}: plain {_fmt(peer['plain_tokens_per_second'])} tok/s, `assistant_model` "
+                  f"{_fmt(peer['assisted_tokens_per_second'])} tok/s ({_fmt(peer['assisted_speedup'])}x); assisted output "
+                  f"equal to its plain output on {peer['assisted_exact_prompts']}/{len(peer['per_prompt'])} prompts.", ""]
+        code = results["workloads"].get(peer["workload"])
+        if code:
+            best = max((s for s in code["summaries"] if s["draft"] != "none"),
+                       key=lambda s: s["end_to_end_tokens_per_second"] or 0, default=None)
+            if best:
+                lines.append(f"spectrt on the same workload, end-to-end: plain "
+                             f"{_fmt(code['summaries'][0]['end_to_end_tokens_per_second'])} tok/s, best speculative "
+                             f"({best['config']}) {_fmt(best['end_to_end_tokens_per_second'])} tok/s.")
+                lines.append("")
+    return "\n".join(lines)
+
+
+def plot_speedup(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(results["workloads"])
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        summaries = results["workloads"][workload]["summaries"]
+        for draft, marker in (("model", "o"), ("ngram", "s")):
+            fixed = sorted((s["width"], s["speedup_vs_plain"]) for s in summaries
+                           if s["draft"] == draft and s["width"] != "auto" and s["speedup_vs_plain"])
+            if fixed:
+                ax.plot([w for w, _ in fixed], [v for _, v in fixed], marker=marker, label=f"{draft} drafter")
+            auto = [s for s in summaries if s["draft"] == draft and s["width"] == "auto" and s["speedup_vs_plain"]]
+            if auto:
+                ax.axhline(auto[0]["speedup_vs_plain"], linestyle=":", color="grey" if draft == "ngram" else "black",
+                           label=f"{draft} auto")
+        ax.axhline(1.0, color="red", linewidth=0.8, label="plain decoding")
+        ax.set_title(workload)
+        ax.set_xlabel("speculation width K")
+        ax.set_ylabel("speed-up vs plain (tok/s ratio)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    workloads = list(results["workloads"])
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        latencies = results["workloads"][workload]["latencies"]
+        for label, values in latencies.items():
+            if not values:
+                continue
+            ordered = np.sort(np.asarray(values) * 1000.0)
+            ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
+        ax.set_title(f"{workload}: per-token latency")
+        ax.set_xlabel("ms between consecutive tokens")
+        ax.set_ylabel("fraction of tokens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
+             "speedup_plot": out_dir / "speedup_vs_width.png", "latency_plot": out_dir / "latency_cdf.png"}
+    paths["json"].write_text(json.dumps(results, indent=1))
+    paths["markdown"].write_text(markdown_table(results))
+    plot_speedup(results, paths["speedup_plot"])
+    plot_latency(results, paths["latency_plot"])
+    return paths

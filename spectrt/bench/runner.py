@@ -1,0 +1,243 @@
+"""Benchmark runner: plain target decoding and speculative configurations, same bundle, same run.
+
+For every workload prompt and repeat, all configurations run back to back (plain first), so
+slow drifts of the machine hit them alike. Greedy decoding throughout: every configuration's
+tokens are also checked against the plain run's (exactness is measured, not assumed).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from spectrt import __version__
+from spectrt.errors import ConfigError
+from spectrt.runtime.scheduler import acceptance_from_mean_accepted, expected_speedup
+
+from .workloads import Prompt, load_workload
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `spectrt bench` invocation; fields map 1:1 to its options."""
+
+    bundle: str
+    workloads: tuple[str, ...] = ("code", "chat", "extraction")
+    drafts: tuple[str, ...] = ("model", "ngram")
+    widths: tuple[str | int, ...] = ("auto", 2, 4, 8)
+    max_new_tokens: int = 128
+    repeats: int = 3
+    warmup: int = 1
+    prompts: int | None = None  # first N prompts of each workload (None = all)
+    threads: int = 0
+    out: str = "bench/run"
+    peer: str = "auto"  # auto | transformers | none: transformers generate, plain and assisted
+    peer_target: str | None = None  # model path / known name for the peer (default: the bundle's sources)
+    peer_draft: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 1:
+            raise ConfigError("repeats and max_new_tokens must be >= 1 and warmup >= 0.")
+        if self.peer not in ("auto", "transformers", "none"):
+            raise ConfigError("peer must be auto, transformers or none.")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    draft: str  # none | model | ngram
+    width: str | int
+
+    @property
+    def label(self) -> str:
+        return "plain" if self.draft == "none" else f"{self.draft}@{self.width}"
+
+
+def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: bool) -> list[RunSpec]:
+    specs = [RunSpec("none", 0)]
+    for draft in config.drafts:
+        if draft == "model" and not has_draft:
+            raise ConfigError("this bundle has no draft model; use --draft ngram.")
+        for width in config.widths:
+            if width != "auto" and int(width) not in built_widths:
+                raise ConfigError(f"width {width} was not built into this bundle (built: {list(built_widths)}).")
+            specs.append(RunSpec(draft, width if width == "auto" else int(width)))
+    return specs
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
+
+
+def predicted_speedup(runs: list[dict], plain_runs: list[dict], width: str | int) -> dict[str, Any] | None:
+    """Leviathan et al.'s formula from the measured acceptance and per-call costs of these runs."""
+    if width == "auto":
+        return None
+    k = int(width)
+    drafted = sum(r["drafted_tokens"] for r in runs)
+    rounds = sum(r["rounds"] - r["fallback_rounds"] for r in runs)
+    plain_rounds = sum(r["rounds"] for r in plain_runs)
+    if not drafted or not rounds or not plain_rounds:
+        return None
+    mean_accepted = sum(r["accepted_tokens"] for r in runs) / rounds
+    acceptance = acceptance_from_mean_accepted(mean_accepted, k)
+    draft_cost = sum(r["draft_seconds"] for r in runs) / drafted  # per drafted token
+    verify_cost = sum(r["verify_seconds"] for r in runs) / sum(r["rounds"] for r in runs)
+    plain_cost = sum(r["verify_seconds"] for r in plain_runs) / plain_rounds
+    return {"per_token_acceptance": acceptance, "draft_seconds_per_token": draft_cost,
+            "verify_seconds_per_call": verify_cost, "plain_seconds_per_call": plain_cost,
+            "speedup": expected_speedup(acceptance, k, draft_cost, verify_cost, plain_cost)}
+
+
+def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dict[str, dict]) -> dict[str, Any]:
+    """Aggregate one configuration over the prompts of one workload."""
+    runs = [m for result in prompt_results.values() for m in result["metrics"]]
+    plain_runs = [m for result in plain_results.values() for m in result["metrics"]]
+    tokens_per_second = {pid: _median([m["tokens_per_second"] for m in r["metrics"]]) for pid, r in prompt_results.items()}
+    plain_tps = {pid: _median([m["tokens_per_second"] for m in r["metrics"]]) for pid, r in plain_results.items()}
+    ratios = [tokens_per_second[p] / plain_tps[p] for p in tokens_per_second if tokens_per_second[p] and plain_tps.get(p)]
+    drafted = sum(m["drafted_tokens"] for m in runs)
+    speculative_rounds = sum(m["rounds"] - m["fallback_rounds"] for m in runs)
+    latencies = [lat for result in prompt_results.values() for lat in result["latencies"]]
+    mismatches = [pid for pid, r in prompt_results.items() if r["token_ids"] != plain_results[pid]["token_ids"]]
+    summary = {
+        "config": spec.label,
+        "draft": spec.draft,
+        "width": spec.width,
+        "prompts": len(prompt_results),
+        "runs": len(runs),
+        "tokens_per_second": _median(list(tokens_per_second.values())),
+        "end_to_end_tokens_per_second": _median([m["end_to_end_tokens_per_second"] for m in runs]),
+        "speedup_vs_plain": _median(ratios),
+        "acceptance_rate": sum(m["accepted_tokens"] for m in runs) / drafted if drafted else None,
+        "mean_accepted_length": (sum(m["accepted_tokens"] for m in runs) / speculative_rounds
+                                 if speculative_rounds else None),
+        "tokens_per_round": sum(m["generated_tokens"] for m in runs) / max(sum(m["rounds"] for m in runs), 1),
+        "fallback_rounds": sum(m["fallback_rounds"] for m in runs),
+        "rounds": sum(m["rounds"] for m in runs),
+        "time_to_first_token": _median([m["time_to_first_token"] for m in runs]),
+        "token_latency_p50": _percentile(latencies, 50),
+        "token_latency_p95": _percentile(latencies, 95),
+        "draft_seconds": sum(m["draft_seconds"] for m in runs),
+        "verify_seconds": sum(m["verify_seconds"] for m in runs),
+        "total_seconds": sum(m["total_seconds"] for m in runs),
+        "exact_match_with_plain": len(prompt_results) - len(mismatches),
+        "mismatched_prompts": mismatches,
+    }
+    if spec.draft != "none":
+        summary["predicted"] = predicted_speedup(runs, plain_runs, spec.width)
+    return summary
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "spectrt": __version__}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every workload x configuration, return the full results dict (see report.write_report)."""
+    from spectrt.runtime.generator import Generator
+
+    generator = Generator(config.bundle, threads=config.threads)
+    specs = run_specs(config, generator.built_widths, generator.draft is not None)
+    workloads = {name: load_workload(name, config.prompts) for name in config.workloads}
+    say(f"bundle {config.bundle}: {len(specs)} configurations ({', '.join(s.label for s in specs)}), "
+        f"{sum(len(p) for p in workloads.values())} prompts, {config.repeats} repeats, {config.max_new_tokens} tokens")
+    started = time.perf_counter()
+    results: dict[str, Any] = {"workloads": {}}
+    for workload, prompts in workloads.items():
+        per_spec: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
+        for _ in range(config.warmup):  # warm caches, sessions and the auto scheduler's cost model
+            for spec in specs:
+                generator.generate(**prompts[0].request(), max_new_tokens=config.max_new_tokens,
+                                   draft=spec.draft, width=spec.width)
+        for repeat in range(config.repeats):
+            for prompt in prompts:
+                for spec in specs:
+                    result = generator.generate(**prompt.request(), max_new_tokens=config.max_new_tokens,
+                                                draft=spec.draft, width=spec.width)
+                    entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
+                                                                        "metrics": [], "latencies": []})
+                    entry["metrics"].append(result.metrics.to_json())
+                    entry["latencies"].extend(result.metrics.token_latencies)
+                say(f"  {workload} {prompt.id} repeat {repeat + 1}: " + ", ".join(
+                    f"{s.label} {per_spec[s.label][prompt.id]['metrics'][-1]['tokens_per_second'] or 0:.1f}"
+                    for s in specs) + " tok/s")
+        summaries = [summarize(s, per_spec[s.label], per_spec["plain"]) for s in specs]
+        results["workloads"][workload] = {
+            "summaries": summaries,
+            "per_prompt": {label: {pid: {"metrics": r["metrics"], "tokens": len(r["token_ids"])}
+                                   for pid, r in prompts_.items()} for label, prompts_ in per_spec.items()},
+            "latencies": {label: [lat for r in prompts_.values() for lat in r["latencies"]]
+                          for label, prompts_ in per_spec.items()},
+        }
+    results["config"] = asdict(config)
+    results["bundle"] = {"name": generator.manifest.name, "widths": list(generator.built_widths),
+                         "target": generator.manifest.raw["models"]["target"]["source"]["name"],
+                         "draft": (generator.manifest.raw["models"]["draft"]["source"]["name"]
+                                   if generator.draft is not None else None),
+                         "precision": generator.manifest.target.precision,
+                         "quantization": {role: (generator.manifest.raw["models"][role].get("quantization") or {})
+                                          .get("scheme", "none") for role in generator.manifest.raw["models"]}}
+    results["machine"] = machine_info()
+    results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["command"] = " ".join(sys.argv)
+    del generator
+    if config.peer != "none":
+        results["peer"] = run_peer(config, workloads, results["bundle"], say)
+    return results
+
+
+def run_peer(config: BenchConfig, workloads: dict[str, list[Prompt]], bundle: dict[str, Any],
+             say: Callable[[str], None]) -> dict[str, Any] | None:
+    """transformers `generate`, plain and with `assistant_model`, in a fresh process (its own memory)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .peer import peer_available, resolve_peer_models, run_transformers_peer
+
+    if not peer_available():
+        if config.peer == "transformers":
+            raise ConfigError("--peer transformers needs torch and transformers (pip install spectrt[build]).")
+        say("peer baseline skipped: transformers is not installed")
+        return None
+    models = resolve_peer_models(config, bundle)
+    if models is None:
+        say("peer baseline skipped: pass --peer-target/--peer-draft (the bundle's source models are not known names)")
+        return None
+    say(f"peer baseline: transformers generate on {models[0]} (+ {models[1]} as assistant)")
+    requests = {name: [p.request() | {"id": p.id} for p in prompts] for name, prompts in workloads.items()}
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_transformers_peer, models[0], models[1], bundle_dir=config.bundle,
+                           requests=requests, max_new_tokens=config.max_new_tokens, repeats=config.repeats,
+                           threads=config.threads).result()

@@ -1,0 +1,69 @@
+"""The benchmark runner on a tiny bundle: structure of the results, plots, peer baseline, workloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spectrt.bench.report import write_report
+from spectrt.bench.runner import BenchConfig, run_benchmark
+from spectrt.bench.workloads import available_workloads, load_workload
+from spectrt.errors import ConfigError
+
+
+@pytest.fixture()
+def workload_file(tmp_path):
+    path = tmp_path / "mini.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "m-1", "prompt": "def add(a, b):\n    return a + b\n"},
+        {"id": "m-2", "messages": [{"role": "user", "content": "for i in range(10): print(i)"}]},
+    ]))
+    return path
+
+
+def test_shipped_workloads_have_enough_prompts():
+    assert set(available_workloads()) >= {"code", "chat", "extraction"}
+    for name in ("code", "chat", "extraction"):
+        prompts = load_workload(name)
+        assert len(prompts) >= 20
+        assert len({p.id for p in prompts}) == len(prompts)
+        assert all((p.prompt is None) != (p.messages is None) for p in prompts)
+
+
+def test_benchmark_results_structure_and_plots(tiny_bundle, tiny_llama_pair, workload_file, tmp_path):
+    config = BenchConfig(bundle=str(tiny_bundle), workloads=(str(workload_file),), drafts=("model", "ngram"),
+                         widths=("auto", 2), max_new_tokens=8, repeats=2, warmup=1, threads=1,
+                         out=str(tmp_path / "out"), peer="transformers",
+                         peer_target=str(tiny_llama_pair[0]), peer_draft=str(tiny_llama_pair[1]))
+    results = run_benchmark(config, say=lambda m: None)
+    paths = write_report(results, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    summaries = data["workloads"][str(workload_file)]["summaries"]
+    assert [s["config"] for s in summaries] == ["plain", "model@auto", "model@2", "ngram@auto", "ngram@2"]
+    plain = summaries[0]
+    assert plain["speedup_vs_plain"] == pytest.approx(1.0) and plain["acceptance_rate"] is None
+    for s in summaries:
+        assert s["prompts"] == 2 and s["runs"] == 4
+        assert s["exact_match_with_plain"] == 2, "greedy speculative output must equal plain output"
+        assert s["tokens_per_second"] > 0 and s["time_to_first_token"] > 0
+    model2 = summaries[2]
+    assert model2["acceptance_rate"] is not None and model2["predicted"]["speedup"] > 0
+    assert 0 <= model2["predicted"]["per_token_acceptance"] <= 1
+    assert data["machine"]["cpus"] >= 1 and data["bundle"]["widths"] == [1, 2, 3, 5]
+    peer = data["peer"]
+    assert peer["tool"] == "transformers" and peer["plain_tokens_per_second"] > 0
+    assert peer["assisted_exact_prompts"] == 2
+    for key in ("speedup_plot", "latency_plot"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
+    table = paths["markdown"].read_text()
+    assert "| model@2 |" in table and "peer: transformers" in table
+
+
+def test_bench_refuses_unbuilt_width_and_unknown_workload(tiny_bundle):
+    with pytest.raises(ConfigError, match="width 4 was not built"):
+        run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=("code",), widths=(4,), peer="none"),
+                      say=lambda m: None)
+    with pytest.raises(ConfigError, match="unknown workload 'poetry'"):
+        run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=("poetry",), widths=(2,), peer="none"),
+                      say=lambda m: None)
