@@ -5,12 +5,12 @@ GGUF weights are dequantized to fp32 by transformers' GGUF loader (needs the `gg
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spectrt.errors import ModelLoadError
+from spectrt.runtime.manifest import sha256_file
 
 from .arch import ModelArch, arch_from_config
 
@@ -31,14 +31,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.source.stem if self.source.is_file() else self.source.name
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_source(path: Path) -> None:

@@ -63,7 +63,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_speedup(results: dict[str, Any], path: Path) -> None:
+def _figure(results: dict[str, Any]):
+    """One panel per workload, headless."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +72,18 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
 
     workloads = list(results["workloads"])
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    return plt, fig, zip(axes[0], workloads)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_speedup(results: dict[str, Any], path: Path) -> None:
+    plt, fig, panels = _figure(results)
+    for ax, workload in panels:
         summaries = results["workloads"][workload]["summaries"]
         for draft, marker in (("model", "o"), ("ngram", "s")):
             fixed = sorted((s["width"], s["speedup_vs_plain"]) for s in summaries
@@ -87,21 +99,14 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("speculation width K")
         ax.set_ylabel("speed-up vs plain (tok/s ratio)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_latency(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    workloads = list(results["workloads"])
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    plt, fig, panels = _figure(results)
+    for ax, workload in panels:
         latencies = results["workloads"][workload]["latencies"]
         for label, values in latencies.items():
             if not values:
@@ -112,9 +117,7 @@ def plot_latency(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("ms between consecutive tokens")
         ax.set_ylabel("fraction of tokens")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
