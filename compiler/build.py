@@ -115,8 +115,9 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "widths": list(config.widths) if role == "target" else [],
         "graph": tensor_specs(loaded.arch, config.precision, vocab),
         "quantization": ({"scheme": quantize,
-                          "method": ("affine 4-bit blocks (float offset), lm_head int8" if quantize == "int4"
-                                     else "symmetric 8-bit blocks") + ", onnxruntime MatMulNBits",
+                          "method": ("affine 4-bit blocks (float offset)" if quantize == "int4"
+                                     else "symmetric 8-bit blocks") + ", onnxruntime MatMulNBits; lm_head "
+                                    + ("fp32" if spec.accuracy_level == 0 else "int8"),
                           "block_size": spec.block_size, "accuracy_level": spec.accuracy_level}
                          if spec.quantized else None),
         "backends": {"onnx": {"path": onnx_path.name, "data": onnx_path.name + ".data", "opset": 17,

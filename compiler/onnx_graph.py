@@ -151,7 +151,8 @@ class GraphSpec:
     precision: str  # fp32 | fp16
     max_context: int
     logits_vocab: int  # rows of the embedding / lm_head kept (the tokenizer's size)
-    quantize: str = "none"  # none | int8 | int4 (lm_head int8): weight-only, onnxruntime MatMulNBits (CPU path)
+    quantize: str = "none"  # none | int8 | int4: weight-only, onnxruntime MatMulNBits (CPU path); the lm_head
+    # is int8 at accuracy level 4 and stays fp32 at level 0 (onnxruntime's fp32-compute int8 kernel is very slow)
     block_size: int = 32  # quantization block along the input dimension
     accuracy_level: int = 0  # MatMulNBits compute: 0 = in the activation type, 4 = int8 activations (fast on CPU)
 
@@ -306,7 +307,8 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         embed = weights("model.embed_tokens.weight")[:vocab]  # [V, H]
         embed_name = gb.weight("embed_tokens.weight", embed)
         lm_head_weight = embed if arch.tie_word_embeddings else weights("lm_head.weight")[:vocab]  # [V, H]
-        if spec.quantized:
+        quantize_head = spec.quantized and spec.accuracy_level != 0
+        if quantize_head:
             lm_head_name = None  # quantized separately below (its own MatMulNBits weights)
         elif arch.tie_word_embeddings:
             lm_head_name = embed_name
@@ -338,7 +340,7 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         final_norm = gb.weight("final_norm.weight", weights("model.norm.weight"))
         hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
         hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
-        if spec.quantized:  # the output layer is the most sensitive one: int8 even in the int4 scheme
+        if quantize_head:  # the output layer is the most sensitive one: int8 even in the int4 scheme
             head_spec = replace(spec, quantize="int8") if spec.quantize == "int4" else spec
             logits = gb.linear(hidden_2d, "lm_head.weight", lm_head_weight, head_spec)  # [S, V]
         else:
