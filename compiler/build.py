@@ -233,7 +233,8 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
                 "name": out_dir.name,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "build": config.to_json() | {"target": sources["target"].name, "draft": sources["draft"].name,
-                                             "out": None},
+                                             "out": None,  # no machine-specific paths in the bundle
+                                             "timing_cache": Path(config.timing_cache).name if config.timing_cache else None},
                 "tokenizer": {"file": tokenizer_file, "size": facts.size},
                 "generation": generation["target"],
                 "models": entries,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -161,8 +162,6 @@ class Generator:
         rng = np.random.default_rng(config.seed)
         decoder = IncrementalDecoder(self.tokenizer)
         stopper = StopMatcher(config.stop)
-        import time
-
         start = time.perf_counter()
         tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
                                     params=config.sampling, rng=rng, eos_ids=self.eos_ids, metrics=metrics, state=state)

@@ -213,7 +213,7 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
         verify_files(manifest)
     summary = build_summary(manifest.raw, bundle)
     if as_json:
-        click.echo(json.dumps(summary | {"manifest": manifest.raw} if as_json else summary, indent=2))
+        click.echo(json.dumps(summary | {"manifest": manifest.raw}, indent=2))
     else:
         click.echo(format_summary(summary))
         if verify:
