@@ -41,7 +41,7 @@ class BuildResult:
     step_times: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_source(name_or_path: str, progress: Progress) -> Path:
+def resolve_source(name_or_path: str) -> Path:
     """A path as given, or a known model name fetched into the cache (see `spectrt models list`)."""
     from .fetch import resolve_model
 
@@ -77,7 +77,7 @@ def tensor_specs(arch: ModelArch, precision: str, vocab: int) -> dict[str, list[
 
 
 def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int, work_dir: Path,
-                        progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+                        progress: Progress, *, arch: ModelArch, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load one model, write <role>.onnx(+.data), validate it.
 
     Returns its manifest entry (without TensorRT) and its generation settings (eos ids, chat template)."""
@@ -85,7 +85,7 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     from .validate import require_passed, validate_graph
 
     with progress.step(f"load {role} ({source.name})"):
-        loaded = load_model(source)
+        loaded = load_model(source, arch=arch, tokenizer=tokenizer)
     onnx_path = work_dir / f"{role}.onnx"
     quantize = config.quantize_for(role)
     # The target computes quantized layers in fp32 (accuracy level 0): int8 activation quantization
@@ -209,11 +209,11 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
         import_tensorrt()  # fail fast with the install hint, before hours of export
     progress.say(f"spectrt build → {out_dir}")
     with progress.step("resolve models"):
-        sources = {role: resolve_source(getattr(config, role), progress) for role in ROLES}
+        sources = {role: resolve_source(getattr(config, role)) for role in ROLES}
     with progress.step("check architectures and tokenizers"):
         archs = check_archs(config, sources)
-        target_tokenizer = load_tokenizer(sources["target"])
-        facts = check_pair(target_tokenizer, load_tokenizer(sources["draft"]))
+        tokenizers = {role: load_tokenizer(sources[role]) for role in ROLES}
+        facts = check_pair(tokenizers["target"], tokenizers["draft"])
         vocab = shared_logits_vocab(facts, archs["target"].vocab_size, archs["draft"].vocab_size)
     progress.say(f"    shared tokenizer: {facts.size} ids; logits width {vocab}")
 
@@ -222,12 +222,13 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
     try:
         entries, generation = {}, {}
         for role in ROLES:
-            entries[role], generation[role] = export_and_validate(role, sources[role], config, vocab, work_dir, progress)
+            entries[role], generation[role] = export_and_validate(role, sources[role], config, vocab, work_dir, progress,
+                                                                  arch=archs[role], tokenizer=tokenizers[role])
         if config.wants_tensorrt:
             for role in ROLES:
                 entries[role]["backends"]["tensorrt"] = compile_tensorrt(role, entries[role], config, work_dir, progress)
         with progress.step("write bundle"):
-            tokenizer_file = save_tokenizer(target_tokenizer, work_dir)
+            tokenizer_file = save_tokenizer(tokenizers["target"], work_dir)
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "name": out_dir.name,

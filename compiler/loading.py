@@ -86,15 +86,19 @@ def load_tokenizer(path: Path) -> Any:
         ) from exc
 
 
-def load_model(path: Path) -> LoadedModel:
-    """Load config, tokenizer and fp32 weights; refuse unsupported architectures before the weights."""
+def load_model(path: Path, *, arch: ModelArch | None = None, tokenizer: Any = None) -> LoadedModel:
+    """Load config, tokenizer and fp32 weights; refuse unsupported architectures before the weights.
+
+    `arch` and `tokenizer` already read by the caller (the build's pair check) are reused, not read again:
+    for a GGUF file each read parses the file's metadata."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    config = load_config(path)
-    arch = arch_from_config(config, source=str(path))
-    tokenizer = load_tokenizer(path)
+    if arch is None:
+        arch = arch_from_config(load_config(path), source=str(path))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     try:
         if path.is_file():

@@ -195,7 +195,7 @@ def _add_profiles(builder: Any, config: Any, network: Any, profiles: list[Profil
             if name not in inputs:
                 raise EngineBuildError(f"profile '{spec.name}' names input '{name}', which the network does not have")
             profile.set_shape(name, smin, sopt, smax)
-        if not profile.is_valid() if hasattr(profile, "is_valid") else False:
+        if hasattr(profile, "is_valid") and not profile.is_valid():  # not every TensorRT flavour has it
             raise EngineBuildError(f"profile '{spec.name}' is invalid (min <= opt <= max must hold for every input)")
         index = config.add_optimization_profile(profile)
         if index < 0:

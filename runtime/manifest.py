@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from spectrt.errors import BundleError
 
@@ -131,11 +131,15 @@ def parse_manifest(bundle_dir: Path, data: dict[str, Any]) -> Manifest:
                     files=files, raw=data)
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path, block: int = 1 << 20, on_progress: Callable[[int, int], None] | None = None) -> str:
+    """sha256 hex digest of `path`, read in blocks; on_progress(done_bytes, total_bytes) after each block."""
+    digest, done, total = hashlib.sha256(), 0, Path(path).stat().st_size
     with open(path, "rb") as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
+            done += len(chunk)
+            if on_progress:
+                on_progress(done, total)
     return digest.hexdigest()
 
 
