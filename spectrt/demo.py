@@ -25,6 +25,7 @@ def _recipe_path(small: bool) -> Path:
 def run_demo(*, small: bool, max_new_tokens: int, prompt: str | None, say: Callable[[str], None],
              show: Callable[[str], None]) -> dict:
     from spectrt.compiler.build import build_bundle
+    from spectrt.errors import BundleError
     from spectrt.compiler.config import load_recipe
     from spectrt.runtime.generator import Generator
     from spectrt.runtime.manifest import read_manifest
@@ -36,7 +37,7 @@ def run_demo(*, small: bool, max_new_tokens: int, prompt: str | None, say: Calla
     try:
         read_manifest(bundle)
         say("      already built; delete the folder to rebuild")
-    except Exception:
+    except BundleError:
         say("      not built yet: fetching models and building (a few minutes for the Qwen pair)")
         build_bundle(config)
     say("[2/3] loading the bundle")
