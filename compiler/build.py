@@ -1,8 +1,9 @@
 """The build pipeline: resolve → check pair → (load → export → validate) × 2 → compile → bundle.
 
 Each step is a small function; `build_bundle` strings them together with progress output. The
-bundle is assembled in a temporary folder next to the destination and moved into place at the
-end, so a failed build never leaves a half-written bundle behind.
+bundle is assembled in a temporary folder next to the destination and swapped into place at the
+end (see bundle_io), so a failed build never leaves a half-written bundle behind and never
+deletes anything but its own temporary folder or the old bundle it replaced.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from spectrt.errors import ConfigError
 from spectrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, parse_manifest, sha256_file
 
 from .arch import ModelArch, arch_from_config
+from .bundle_io import check_out_dir, replace_dir_atomically
 from .config import BuildConfig
 from .loading import load_config, load_model, load_tokenizer
 from .onnx_graph import GraphSpec, input_names, output_names
@@ -195,14 +197,21 @@ def file_table(work_dir: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(work_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
 
 
+def remove_own_temp(work_dir: Path) -> None:
+    """Remove the temporary folder this build created (never a link, never anything else)."""
+    if work_dir.is_dir() and not work_dir.is_symlink():
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), progress: Progress | None = None,
-                 overwrite: bool = True) -> BuildResult:
-    """Run the whole build for `config` and return where the bundle went."""
+                 overwrite: bool = False) -> BuildResult:
+    """Run the whole build for `config` and return where the bundle went.
+
+    The out folder must be missing, empty, or (with `overwrite`) an earlier bundle; see check_out_dir."""
     progress = progress or Progress()
     start = time.perf_counter()
     out_dir = config.out_dir(engines_root)
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"{out_dir} exists; pass --overwrite or another --out.")
+    check_out_dir(out_dir, overwrite=overwrite)
     if config.wants_tensorrt:
         from .tensorrt_build import import_tensorrt
 
@@ -217,8 +226,9 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
         vocab = shared_logits_vocab(facts, archs["target"].vocab_size, archs["draft"].vocab_size)
     progress.say(f"    shared tokenizer: {facts.size} ids; logits width {vocab}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    destination = out_dir.absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.building-", dir=destination.parent))
     try:
         entries, generation = {}, {}
         for role in ROLES:
@@ -245,11 +255,10 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
             }
             parse_manifest(work_dir, manifest)  # the runtime must accept what we write
             (work_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            work_dir.rename(out_dir)
+            check_out_dir(out_dir, overwrite=overwrite)  # again: the folder may have changed during the build
+            replace_dir_atomically(work_dir, destination)
     except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        remove_own_temp(work_dir)
         raise
     return BuildResult(out_dir, manifest, time.perf_counter() - start, peak_rss_mb(), dict(progress.times))
 
