@@ -1,23 +1,38 @@
 """The bundle manifest: a versioned, validated description of everything in an engine bundle.
 
-Written by `spectrt.compiler`, read here. Plain JSON + a hand-written validator, so the runtime
-needs no schema library. See engines/README.md for the format.
+Written by `spectrt.compiler`, read here. The manifest is untrusted input until it passed three
+steps, each of which fails with a BundleError (never a raw ValueError/KeyError/TypeError):
+
+1. `read_manifest`: manifest.json is a readable, UTF-8, plain-JSON object inside the folder;
+2. `parse_manifest`: the schema version, then the declared JSON Schema `manifest.schema.json`
+   (draft 2020-12: types, required keys, ranges, enums, relative POSIX paths), then the rules a
+   schema cannot express (graph I/O against the architecture, equal logits widths, every file the
+   runtime loads listed in the hashed `files` table);
+3. `verify_files`: every file in `files` lies inside the bundle folder (symlinks resolved) and
+   has the recorded size and sha256.
+
+`Manifest.file()` is the only way the runtime turns a manifest path into a filesystem path: it
+refuses anything that resolves outside the bundle folder. See engines/README.md for the format.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from spectrt.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 ROLES = ("target", "draft")
 DTYPES = ("fp32", "fp16")
+MAX_MANIFEST_BYTES = 16 << 20  # real manifests are tens of KB; refuse to read a huge file into memory
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,15 @@ class ModelEntry:
     onnx_path: str | None
     tensorrt: dict[str, Any] | None
     raw: dict[str, Any]
+    onnx_data: str | None = None  # the ONNX graph's external-data file (relative), if any
+
+    @property
+    def tensorrt_path(self) -> str | None:
+        return self.tensorrt["path"] if self.tensorrt else None
+
+    def used_files(self) -> tuple[str, ...]:
+        """Relative paths of every file the runtime may open for this model."""
+        return tuple(p for p in (self.onnx_path, self.onnx_data, self.tensorrt_path) if p is not None)
 
 
 @dataclass(frozen=True)
@@ -58,77 +82,280 @@ class Manifest:
     raw: dict[str, Any]
 
     def file(self, relative: str) -> Path:
-        return self.path / relative
+        """The resolved path of bundle file `relative`, guaranteed inside the bundle folder.
+
+        Refuses absolute paths, `..`, and anything (e.g. a symlink) that resolves outside the folder."""
+        return confined_path(self.path, relative)
+
+    def used_files(self) -> tuple[str, ...]:
+        """Every file the runtime may open: tokenizer, ONNX graphs and their data, TensorRT plans."""
+        models = [self.target] + ([self.draft] if self.draft is not None else [])
+        return (self.tokenizer_file,) + tuple(p for m in models for p in m.used_files())
 
 
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise BundleError(f"manifest is missing '{where}{key}'; the bundle is incomplete or corrupt: rebuild it.")
-    value = data[key]
-    if not isinstance(value, kind):
-        raise BundleError(f"manifest field '{where}{key}' has the wrong type ({type(value).__name__}); rebuild the bundle.")
-    return value
+# -- schema ---------------------------------------------------------------------------------------
 
 
-def _tensor_specs(items: list[Any], where: str) -> tuple[TensorSpec, ...]:
-    specs = []
-    for item in items:
-        name = _require(item, "name", str, where)
-        specs.append(TensorSpec(name, _require(item, "dtype", str, where), tuple(_require(item, "shape", list, where))))
-    return tuple(specs)
+@lru_cache(maxsize=1)
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of manifest schema version 1."""
+    try:
+        return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"spectrt's manifest schema {SCHEMA_FILE} cannot be read ({exc}): the spectrt "
+                          f"installation is broken; reinstall spectrt.") from exc
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator, validators
+
+    # JSON Schema calls 1.0 an integer; a manifest we write never holds one, so refuse it (and booleans)
+    type_checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+    strict = validators.extend(Draft202012Validator, type_checker=type_checker)
+    return strict(manifest_schema())
+
+
+@lru_cache(maxsize=1)
+def _relpath_pattern() -> re.Pattern[str]:
+    return re.compile(manifest_schema()["$defs"]["relpath"]["pattern"])
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
+               type(None): "null"}
+
+
+def field_path(parts: Iterable[Any]) -> str:
+    """['models', 'target', 'graph', 'inputs', 3, 'dtype'] -> models.target.graph.inputs[3].dtype"""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _IDENTIFIER.fullmatch(str(part)):
+            text += f".{part}" if text else str(part)
+        else:
+            text += f"[{json.dumps(str(part))}]"
+    return text or "(top level)"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _schema_problem(error: Any) -> tuple[str, str]:
+    """(kind, text) for one jsonschema error; kind groups missing keys of the same object."""
+    parts = list(error.absolute_path)
+    where = field_path(parts)
+    instance = error.instance
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if isinstance(instance, dict) and k not in instance]
+        # one error per missing key; its message starts with that key's repr
+        key = next((k for k in missing if error.message.startswith(repr(k))), missing[0] if missing else "?")
+        return f"required:{where}", field_path(parts + [key])
+    if error.validator == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        kind = _JSON_TYPES.get(type(instance), "value")
+        got = _short(instance) if kind in ("null", "boolean") else f"{kind} {_short(instance)}"
+        return "", f"field '{where}' has the wrong type (got {got}, expected {expected})"
+    description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    problem = f"{_short(instance)} is not {description}" if description else error.message
+    if len(problem) > 300:
+        problem = problem[:297] + "..."
+    if "propertyNames" in error.absolute_schema_path:
+        return "", f"field '{where}' has an invalid key: {problem}"
+    return "", f"field '{where}' is invalid: {problem}"
+
+
+def _schema_error_message(bundle_dir: Path, errors: list[Any], limit: int = 5) -> str:
+    """One message for the schema errors, the most relevant first (at most `limit` problems)."""
+    from jsonschema.exceptions import best_match, relevance
+
+    missing: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for error in sorted(errors, key=relevance, reverse=True):
+        kind, text = _schema_problem(best_match([error]))  # best_match descends into anyOf branches
+        if kind:
+            if kind not in missing:
+                missing[kind] = []
+                problems.append(kind)
+            if text not in missing[kind]:
+                missing[kind].append(text)
+        elif text not in problems:
+            problems.append(text)
+    texts = ["missing " + ", ".join(f"'{name}'" for name in missing[p]) if p in missing else p for p in problems]
+    more = f" (and {len(texts) - limit} more)" if len(texts) > limit else ""
+    return (f"the manifest of bundle '{bundle_dir}' does not match the schema: " + "; ".join(texts[:limit]) + more
+            + ". The bundle is incomplete or corrupt: rebuild it.")
+
+
+def _validate_schema(bundle_dir: Path, data: dict[str, Any]) -> None:
+    from itertools import islice
+
+    try:
+        errors = list(islice(_validator().iter_errors(data), 100))
+        message = _schema_error_message(bundle_dir, errors) if errors else None
+    except RecursionError:
+        raise BundleError(f"the manifest of bundle '{bundle_dir}' is nested too deeply to be a spectrt manifest; "
+                          f"rebuild the bundle.") from None
+    if message:
+        raise BundleError(message)
+
+
+# -- semantic checks (what the schema cannot say) ---------------------------------------------------
+
+
+def expected_graph_io(num_layers: int, kv_heads: int, head_dim: int, precision: str,
+                      vocab: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph I/O contract (engines/README.md) for these architecture numbers."""
+    inputs = [TensorSpec("input_ids", "int64", (1, "seq_len"))]
+    outputs = [TensorSpec("logits", "fp32", (1, "seq_len", vocab))]
+    for i in range(num_layers):
+        inputs += [TensorSpec(f"past_{kind}_{i}", precision, (1, "past_len", kv_heads, head_dim))
+                   for kind in ("key", "value")]
+        outputs += [TensorSpec(f"new_{kind}_{i}", precision, (1, "seq_len", kv_heads, head_dim))
+                    for kind in ("key", "value")]
+    return tuple(inputs), tuple(outputs)
+
+
+def compare_io(kind: str, declared: Iterable[TensorSpec], expected: Iterable[TensorSpec]) -> str | None:
+    """None if `declared` is exactly `expected` (by name, any order), else what differs."""
+    declared, expected = list(declared), {spec.name: spec for spec in expected}
+    names = [spec.name for spec in declared]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        return f"{kind} {duplicates} appear more than once"
+    missing = [n for n in expected if n not in names]
+    extra = [n for n in names if n not in expected]
+    if missing or extra:
+        return (f"{kind} differ from the contract: " + (f"missing {_few(missing)}" if missing else "")
+                + ("; " if missing and extra else "") + (f"unexpected {_few(extra)}" if extra else ""))
+    for spec in declared:
+        want = expected[spec.name]
+        if spec.dtype != want.dtype:
+            return f"{kind[:-1]} '{spec.name}' has dtype {spec.dtype}, expected {want.dtype}"
+        if tuple(spec.shape) != tuple(want.shape):
+            return f"{kind[:-1]} '{spec.name}' has shape {list(spec.shape)}, expected {list(want.shape)}"
+    return None
+
+
+def _few(names: list[str], count: int = 4) -> str:
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
 def _model_entry(role: str, data: dict[str, Any]) -> ModelEntry:
-    where = f"models.{role}."
-    arch = _require(data, "arch", dict, where)
-    graph = _require(data, "graph", dict, where)
-    precision = _require(data, "precision", str, where)
-    if precision not in DTYPES:
-        raise BundleError(f"{role} precision '{precision}' is unknown to this runtime; rebuild or upgrade spectrt.")
-    backends = _require(data, "backends", dict, where)
+    arch, graph, backends = data["arch"], data["graph"], data["backends"]
     onnx = backends.get("onnx")
-    entry = ModelEntry(
+    return ModelEntry(
         role=role,
-        num_layers=int(_require(arch, "num_layers", int, where + "arch.")),
-        num_kv_heads=int(_require(arch, "num_kv_heads", int, where + "arch.")),
-        head_dim=int(_require(arch, "head_dim", int, where + "arch.")),
-        logits_vocab=int(_require(data, "logits_vocab", int, where)),
-        precision=precision,
-        max_context=int(_require(data, "max_context", int, where)),
-        widths=tuple(int(w) for w in _require(data, "widths", list, where)),
-        inputs=_tensor_specs(_require(graph, "inputs", list, where + "graph."), where + "graph.inputs."),
-        outputs=_tensor_specs(_require(graph, "outputs", list, where + "graph."), where + "graph.outputs."),
-        onnx_path=onnx["path"] if isinstance(onnx, dict) else None,
+        num_layers=arch["num_layers"],
+        num_kv_heads=arch["num_kv_heads"],
+        head_dim=arch["head_dim"],
+        logits_vocab=data["logits_vocab"],
+        precision=data["precision"],
+        max_context=data["max_context"],
+        widths=tuple(data["widths"]),
+        inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in graph["inputs"]),
+        outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in graph["outputs"]),
+        onnx_path=onnx["path"] if onnx is not None else None,
         tensorrt=backends.get("tensorrt"),
         raw=data,
+        onnx_data=onnx.get("data") if onnx is not None else None,
     )
-    if entry.onnx_path is None and entry.tensorrt is None:
-        raise BundleError(f"the {role} model has no backend files (neither ONNX nor TensorRT); rebuild the bundle.")
-    return entry
+
+
+def _check_model(entry: ModelEntry) -> None:
+    role, where = entry.role, f"models.{entry.role}"
+    declared_role = entry.raw["role"]
+    if declared_role != role:
+        raise BundleError(f"manifest field '{where}.role' says '{declared_role}' under models.{role}; the manifest "
+                          f"is inconsistent: rebuild the bundle.")
+    inputs, outputs = expected_graph_io(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.precision,
+                                        entry.logits_vocab)
+    for kind, declared, expected in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
+        problem = compare_io(kind, declared, expected)
+        if problem:
+            raise BundleError(
+                f"the {role} graph I/O in the manifest ('{where}.graph.{kind}') does not fit its architecture "
+                f"(num_layers {entry.num_layers}, num_kv_heads {entry.num_kv_heads}, head_dim {entry.head_dim}, "
+                f"precision {entry.precision}, logits_vocab {entry.logits_vocab}): {problem}. The manifest is "
+                f"inconsistent: rebuild the bundle.")
+    if entry.widths and max(entry.widths) + 1 >= entry.max_context:
+        raise BundleError(f"{role} max_context {entry.max_context} is too small for its width {max(entry.widths)} "
+                          f"(verifying K tokens needs K+1 new rows plus a cached one); rebuild the bundle.")
+    trained = entry.raw["arch"].get("max_position_embeddings")
+    if isinstance(trained, int) and entry.max_context > trained:
+        raise BundleError(f"{role} max_context {entry.max_context} exceeds the model's max_position_embeddings "
+                          f"{trained}; the manifest is inconsistent: rebuild the bundle.")
 
 
 def parse_manifest(bundle_dir: Path, data: dict[str, Any]) -> Manifest:
-    """Validate a manifest dict; raise BundleError naming the problem and the fix."""
+    """Validate a manifest dict (schema, then cross-field rules); raise BundleError naming the problem and the fix."""
+    bundle_dir = Path(bundle_dir)
+    if not isinstance(data, dict):
+        raise BundleError(f"the manifest of bundle '{bundle_dir}' is not a JSON object; rebuild the bundle.")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
         raise BundleError(
-            f"bundle '{bundle_dir}' has manifest schema version {version!r}, but this spectrt reads version "
+            f"bundle '{bundle_dir}' has manifest schema version {_short(version)}, but this spectrt reads version "
             f"{SCHEMA_VERSION}. Rebuild the bundle with this spectrt (`spectrt build ...`) or use the spectrt "
             f"version that built it."
         )
-    models = _require(data, "models", dict, "")
-    target = _model_entry("target", _require(models, "target", dict, "models."))
-    draft = _model_entry("draft", models["draft"]) if isinstance(models.get("draft"), dict) else None
-    if draft is not None and draft.logits_vocab != target.logits_vocab:
-        raise BundleError(f"draft and target emit logits of different widths ({draft.logits_vocab} vs "
-                          f"{target.logits_vocab}); the bundle is inconsistent: rebuild it.")
-    tokenizer = _require(data, "tokenizer", dict, "")
-    generation = _require(data, "generation", dict, "")
-    _require(generation, "eos_token_ids", list, "generation.")
-    files = _require(data, "files", dict, "")
-    return Manifest(path=bundle_dir, name=str(data.get("name", bundle_dir.name)), target=target, draft=draft,
-                    tokenizer_file=_require(tokenizer, "file", str, "tokenizer."), generation=generation,
-                    files=files, raw=data)
+    _validate_schema(bundle_dir, data)
+
+    models = data["models"]
+    target = _model_entry("target", models["target"])
+    draft = _model_entry("draft", models["draft"]) if models.get("draft") is not None else None
+    for entry in (target, draft):
+        if entry is not None:
+            _check_model(entry)
+    if draft is not None:
+        if draft.logits_vocab != target.logits_vocab:
+            raise BundleError(f"draft and target emit logits of different widths ({draft.logits_vocab} vs "
+                              f"{target.logits_vocab}); the bundle is inconsistent: rebuild it.")
+        if draft.max_context != target.max_context:
+            raise BundleError(f"draft and target have different max_context ({draft.max_context} vs "
+                              f"{target.max_context}); the bundle is inconsistent: rebuild it.")
+    tokenizer_size = data["tokenizer"]["size"]
+    if tokenizer_size != target.logits_vocab:
+        raise BundleError(f"the tokenizer produces {tokenizer_size} ids but the target emits {target.logits_vocab} "
+                          f"logits; the bundle is inconsistent: rebuild it.")
+    manifest = Manifest(path=bundle_dir, name=data["name"], target=target, draft=draft,
+                        tokenizer_file=data["tokenizer"]["file"], generation=data["generation"],
+                        files=data["files"], raw=data)
+    unlisted = [p for p in manifest.used_files() if p not in manifest.files]
+    if unlisted:
+        raise BundleError(f"bundle file(s) {_few(unlisted)} are used by the runtime but missing from the manifest's "
+                          f"'files' table: every file the runtime loads must be in the hashed table. The manifest is "
+                          f"incomplete or was tampered with: rebuild the bundle.")
+    return manifest
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def confined_path(bundle_dir: Path | str, relative: str) -> Path:
+    """`bundle_dir/relative` resolved (symlinks followed), refused unless it stays inside the bundle folder."""
+    if not isinstance(relative, str) or not _relpath_pattern().search(relative):
+        raise BundleError(f"bundle path {_short(relative)} is not a relative path inside the bundle (no leading '/', "
+                          f"no '..', no '\\' or drive letter); the manifest is corrupt or was tampered with: "
+                          f"rebuild the bundle.")
+    try:
+        root = Path(bundle_dir).resolve()
+        resolved = (root / relative).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops: RuntimeError before 3.13, OSError after
+        raise BundleError(f"bundle file '{relative}' cannot be resolved ({exc}); rebuild or copy the bundle again.") from exc
+    if not resolved.is_relative_to(root):
+        raise BundleError(f"bundle file '{relative}' resolves to {resolved}, outside the bundle folder {root} (a symlink "
+                          f"out of the bundle?); every bundle file must lie inside its folder: rebuild or copy the "
+                          f"bundle again.")
+    return resolved
 
 
 def sha256_file(path: Path, block: int = 1 << 20, on_progress: Callable[[int, int], None] | None = None) -> str:
@@ -153,9 +380,10 @@ def _verified_cache_path() -> Path:
 
 def _load_verified() -> dict[str, str]:
     try:
-        return json.loads(_verified_cache_path().read_text())
-    except (OSError, json.JSONDecodeError):
+        records = json.loads(_verified_cache_path().read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    return records if isinstance(records, dict) else {}
 
 
 def _save_verified(records: dict[str, str]) -> None:
@@ -171,7 +399,7 @@ def _save_verified(records: dict[str, str]) -> None:
 
 def verify_files(manifest: Manifest, *, check_hashes: bool = True, cache: bool = False,
                  only: set[str] | None = None) -> None:
-    """Every listed file exists with the recorded size and sha256.
+    """Every listed file lies inside the bundle folder and exists with the recorded size and sha256.
 
     cache=True skips re-hashing a file whose (path, size, mtime) was verified against the same
     sha256 before (recorded under the user cache dir), so loading a multi-GB bundle twice is cheap.
@@ -182,26 +410,32 @@ def verify_files(manifest: Manifest, *, check_hashes: bool = True, cache: bool =
         if only is not None and relative not in only:
             continue
         path = manifest.file(relative)
-        if not path.is_file():
-            raise BundleError(f"bundle file '{relative}' is missing from {manifest.path}; rebuild the bundle.")
-        size = path.stat().st_size
-        if size != facts.get("size"):
-            raise BundleError(f"bundle file '{relative}' has {size} bytes, the manifest says {facts.get('size')}: "
-                              f"the file is truncated or was replaced. Rebuild the bundle.")
-        if not check_hashes:
-            continue
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        if cache and records.get(key) == facts.get("sha256"):
-            continue
-        if sha256_file(path) != facts.get("sha256"):
-            raise BundleError(f"bundle file '{relative}' does not match its sha256 in the manifest: it is corrupt "
-                              f"or was modified. Rebuild the bundle (or copy it again).")
+        try:
+            if not path.is_file():
+                raise BundleError(f"bundle file '{relative}' is missing from {manifest.path}; rebuild the bundle.")
+            stat = path.stat()
+            if stat.st_size != facts["size"]:
+                raise BundleError(f"bundle file '{relative}' has {stat.st_size} bytes, the manifest says "
+                                  f"{facts['size']}: the file is truncated or was replaced. Rebuild the bundle.")
+            if not check_hashes:
+                continue
+            key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+            if cache and records.get(key) == facts["sha256"]:
+                continue
+            if sha256_file(path) != facts["sha256"]:
+                raise BundleError(f"bundle file '{relative}' does not match its sha256 in the manifest: it is corrupt "
+                                  f"or was modified. Rebuild the bundle (or copy it again).")
+        except OSError as exc:
+            raise BundleError(f"bundle file '{relative}' cannot be read ({exc}); rebuild or copy the bundle again.") from exc
         if cache:
             records[key] = facts["sha256"]
             changed = True
     if changed:
         _save_verified(records)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def read_manifest(bundle_dir: Path | str) -> Manifest:
@@ -212,9 +446,23 @@ def read_manifest(bundle_dir: Path | str) -> Manifest:
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"'{bundle_dir}' has no {MANIFEST_NAME}; it is not a spectrt bundle (or its build did not finish).")
+    path = confined_path(bundle_dir, MANIFEST_NAME)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} has {size} bytes, far more than any spectrt manifest; rebuild the bundle.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read ({exc}); check its permissions or rebuild the bundle.") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path} is not UTF-8 text ({exc}); the manifest is corrupt: rebuild the bundle.") from exc
+    try:
+        data = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise BundleError(f"{path} is nested too deeply to be a spectrt manifest; rebuild the bundle.") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers beyond Python's digit limit
         raise BundleError(f"{path} is not valid JSON ({exc}); rebuild the bundle.") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{path} does not hold a JSON object; rebuild the bundle.")

@@ -29,3 +29,20 @@ class Decoder(Protocol):
     def rollback(self, length: int) -> None: ...
 
     def reset(self) -> None: ...
+
+
+class CacheBookkeeping:
+    """commit / rollback / reset / length of a decoder that keeps its rows in `self.cache` (a KVCache)."""
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def commit(self, count: int) -> None:
+        self.cache.commit(count)
+
+    def rollback(self, length: int) -> None:
+        self.cache.rollback(length)
+
+    def reset(self) -> None:
+        self.cache.rollback(0)

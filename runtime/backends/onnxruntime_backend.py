@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.errors import BackendUnavailableError, GenerationError
+from spectrt.errors import BackendUnavailableError, BundleError, GenerationError
 
 from ..kv_cache import KVCache
+from .base import CacheBookkeeping
+from ..manifest import TensorSpec, compare_io, expected_graph_io
 
 
 # Graph rewrites whose kernels give a token different logits depending on how many tokens share the
@@ -54,11 +56,54 @@ def _providers(ort, choice: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OrtDecoder:
-    """Runs a spectrt decoder graph step by step with an in-place KV cache (CPU buffers)."""
+ORT_TYPES = {"int64": "tensor(int64)", "fp32": "tensor(float)", "fp16": "tensor(float16)"}
+
+
+def _create_session(ort, onnx_path: Path, session_options, providers: list[str], role: str):
+    """An InferenceSession, or a BundleError saying which graph would not load (corrupt, truncated, no data)."""
+    try:
+        return ort.InferenceSession(str(onnx_path), session_options, providers=providers,
+                                    disabled_optimizers=BATCH_DEPENDENT_OPTIMIZERS)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/NoSuchFile/... types
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 400 else reason[:397] + "..."
+        raise BundleError(f"could not load the {role} ONNX graph {onnx_path}: {reason}; the bundle is corrupt: "
+                          f"rebuild it.") from exc
+
+
+def _session_specs(args) -> tuple[TensorSpec, ...]:
+    # ORT reports symbolic dims as str (or None when unnamed); keep ints as ints
+    return tuple(TensorSpec(a.name, a.type, tuple(d if isinstance(d, int) else "?" for d in (a.shape or ())))
+                 for a in args)
+
+
+def check_graph_io(session, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], *, role: str,
+                   onnx_path: Path) -> None:
+    """The loaded graph's inputs/outputs (names, element types, static dims) are those the manifest declares.
+
+    Catches a manifest that lies about num_layers / kv heads / head_dim / vocab / precision at load time,
+    not in the middle of a generation. Symbolic dims of the manifest (seq_len, past_len) must be dynamic."""
+    def as_session(spec: TensorSpec) -> TensorSpec:
+        return TensorSpec(spec.name, ORT_TYPES.get(spec.dtype, spec.dtype),
+                          tuple(d if isinstance(d, int) else "?" for d in spec.shape))
+
+    for kind, declared, actual in (("inputs", inputs, session.get_inputs()), ("outputs", outputs, session.get_outputs())):
+        problem = compare_io(kind, _session_specs(actual), [as_session(spec) for spec in declared])
+        if problem:
+            raise BundleError(f"the {role} ONNX graph {onnx_path.name} does not match the manifest: its {problem} "
+                              f"(dims '?' are dynamic). The manifest and the graph disagree: rebuild the bundle.")
+
+
+class OrtDecoder(CacheBookkeeping):
+    """Runs a spectrt decoder graph step by step with an in-place KV cache (CPU buffers).
+
+    `io` = the (inputs, outputs) the graph must have (the manifest's graph spec); default: the graph
+    I/O contract for num_layers/kv_heads/head_dim/precision/vocab. Checked right after loading."""
 
     def __init__(self, onnx_path: Path, *, num_layers: int, kv_heads: int, head_dim: int, precision: str,
-                 max_context: int, vocab: int, options: OrtOptions = OrtOptions()):
+                 max_context: int, vocab: int, options: OrtOptions = OrtOptions(), role: str = "model",
+                 io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None):
+        onnx_path = Path(onnx_path)
         ort = _import_ort()
         session_options = ort.SessionOptions()
         if options.threads:
@@ -70,18 +115,15 @@ class OrtDecoder:
                   "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
         session_options.graph_optimization_level = levels[options.optimization]
         self.providers = _providers(ort, options.provider)
-        self.session = ort.InferenceSession(str(onnx_path), session_options, providers=self.providers,
-                                            disabled_optimizers=BATCH_DEPENDENT_OPTIMIZERS)
+        self.session = _create_session(ort, onnx_path, session_options, self.providers, role)
+        inputs, outputs = io if io is not None else expected_graph_io(num_layers, kv_heads, head_dim, precision, vocab)
+        check_graph_io(self.session, inputs, outputs, role=role, onnx_path=onnx_path)
         self.num_layers = num_layers
         self.max_context = max_context
         self.vocab = vocab
         self.cache = KVCache(num_layers, max_context, kv_heads, head_dim, precision)
         self._logits = np.zeros((1, max_context, vocab), np.float32)  # [1, C, V] output buffer
         self._np_dtype = self.cache.dtype
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         """token_ids [S] -> logits [S, V] (a view into a reused buffer: copy it if you keep it)."""
@@ -106,11 +148,3 @@ class OrtDecoder:
         self.session.run_with_iobinding(binding)
         return logits[0]
 
-    def commit(self, count: int) -> None:
-        self.cache.commit(count)
-
-    def rollback(self, length: int) -> None:
-        self.cache.rollback(length)
-
-    def reset(self) -> None:
-        self.cache.rollback(0)
