@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .sampling import SamplingParams, probs_from_logits, sample
+from .picker import TokenPicker
 
 
 class Drafter(Protocol):
@@ -20,9 +20,12 @@ class Drafter(Protocol):
     def start(self, prompt_ids: list[int]) -> None:
         """A new request: `prompt_ids` is the prompt (already prefilled into the target)."""
 
-    def propose(self, tokens: list[int], k: int, params: SamplingParams,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        """Up to k proposed tokens [n<=k] and their draft probabilities [n, V] (None: deterministic)."""
+    def catch_up(self, tokens: list[int]) -> None:
+        """Absorb committed tokens this drafter has not seen (after plain rounds); timed apart from drafting."""
+
+    def propose(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[np.ndarray, np.ndarray | None]:
+        """Up to k proposed tokens [n<=k] for positions len(tokens).., and their draft probabilities
+        [n, V] (None: the picker's rule does not need them, or the drafter is deterministic)."""
 
     def accepted(self, tokens: list[int], proposal_len: int, accepted: int) -> None:
         """The target accepted `accepted` of the last proposal; `tokens` is the new committed sequence."""
@@ -37,7 +40,10 @@ class NoDrafter:
     def start(self, prompt_ids: list[int]) -> None:
         pass
 
-    def propose(self, tokens, k, params, rng):
+    def catch_up(self, tokens: list[int]) -> None:
+        pass
+
+    def propose(self, tokens, k, picker):
         return np.zeros(0, np.int64), None
 
     def accepted(self, tokens, proposal_len, accepted) -> None:
@@ -60,7 +66,10 @@ class NgramDrafter:
     def start(self, prompt_ids: list[int]) -> None:
         pass
 
-    def propose(self, tokens, k, params, rng):
+    def catch_up(self, tokens: list[int]) -> None:
+        pass
+
+    def propose(self, tokens, k, picker):
         sequence = np.asarray(tokens, dtype=np.int64)
         for n in range(min(self.max_ngram, len(sequence) - 1), self.min_ngram - 1, -1):
             suffix = sequence[-n:]
@@ -92,24 +101,27 @@ class ModelDrafter:
             self.decoder.step(np.asarray(prompt_ids[:-1], dtype=np.int64))
             self.decoder.commit(len(prompt_ids) - 1)
 
-    def propose(self, tokens, k, params, rng):
+    def catch_up(self, tokens: list[int]) -> None:
+        # normally 1 or 2 committed tokens are new to the draft (2 after a fully accepted round) and are
+        # fed with its first proposal step; after plain rounds more are, and they go in as one prefill
+        if len(tokens) - self.decoder.length > 2:
+            self.decoder.step(np.asarray(tokens[self.decoder.length : -1], dtype=np.int64))
+            self.decoder.commit(len(tokens) - 1 - self.decoder.length)
+
+    def propose(self, tokens, k, picker):
         if k == 0:
             return np.zeros(0, np.int64), None
         pending = np.asarray(tokens[self.decoder.length :], dtype=np.int64)  # 1, or 2 after a full accept
         proposal = np.zeros(k, np.int64)
-        draft_probs = None if params.greedy else []
+        draft_probs = []
         for i in range(k):
-            logits = self.decoder.step(pending)[-1:]  # [1, V]
+            logits = self.decoder.step(pending)[-1]  # [V]
             self.decoder.commit(len(pending))
-            if params.greedy:
-                proposal[i] = int(logits[0].argmax())
-            else:
-                probs = probs_from_logits(logits, params)[0]  # [V]
-                proposal[i] = sample(probs, rng)
-                draft_probs.append(probs)
+            proposal[i], probs = picker.draft_token(logits, len(tokens) + i)
+            draft_probs.append(probs)
             pending = proposal[i : i + 1]
         # the last proposed token was never fed: it stays pending like any committed token would
-        return proposal, (None if draft_probs is None else np.stack(draft_probs))
+        return proposal, (None if draft_probs[0] is None else np.stack(draft_probs))  # [k], [k, V] | None
 
     def accepted(self, tokens, proposal_len, accepted) -> None:
         if proposal_len == 0:  # a plain target step: nothing of ours to drop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,9 @@ from .loop import LoopState, speculative_decode
 from .manifest import Manifest, ModelEntry, read_manifest, verify_files
 from .metrics import AggregateMetrics, RequestMetrics
 from .sampling import SamplingParams
-from .scheduler import CostModel, WidthScheduler
+from .picker import ACCEPT_RULES, TokenPicker
+from .sampling import random_seed
+from .scheduler import CostModel, LongRunAcceptance, WidthScheduler
 from .text import BundleTokenizer, IncrementalDecoder, StopMatcher
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -34,6 +37,7 @@ class GenerateConfig:
     stop: tuple[str, ...] = ()
     draft: str = "auto"  # auto (model if the bundle has one, else ngram) | model | ngram | none
     width: str | int = "auto"  # auto | a built width K | 0 (plain decoding)
+    accept: str = "coupled"  # sampling only: coupled (reproducible, = plain sampling) | rejection (residual)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,6 +51,10 @@ class GenerateConfig:
                 object.__setattr__(self, "width", int(self.width))
             except (TypeError, ValueError):
                 raise GenerationError(f"width must be 'auto' or an integer (got {self.width!r}).") from None
+        if self.accept not in ACCEPT_RULES:
+            raise GenerationError(f"accept must be one of {', '.join(ACCEPT_RULES)} (got {self.accept!r}).")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
 
     @property
@@ -85,15 +93,24 @@ def _make_decoder(manifest: Manifest, entry: ModelEntry, backend: str, threads: 
                                       f"backend can run here; rebuild with --backend onnx or all.")
     from .backends.onnxruntime_backend import OrtDecoder, OrtOptions
 
-    return OrtDecoder(manifest.file(entry.onnx_path), num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
+    onnx_file = manifest.file(entry.onnx_path)  # resolved, and refused unless inside the bundle folder
+    if entry.onnx_data is not None:
+        manifest.file(entry.onnx_data)  # onnxruntime opens the external data itself: it must stay inside too
+    return OrtDecoder(onnx_file, num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
                       head_dim=entry.head_dim, precision=entry.precision, max_context=entry.max_context,
-                      vocab=entry.logits_vocab, options=OrtOptions(threads=threads, provider=provider))
+                      vocab=entry.logits_vocab, options=OrtOptions(threads=threads, provider=provider),
+                      role=entry.role, io=(entry.inputs, entry.outputs))
 
 
 class Generator:
     """A loaded bundle: target (and draft) sessions, tokenizer, and the speculative loop.
 
-    Costs measured by the `auto` width scheduler persist across requests; acceptance adapts per request.
+    Safe to share between threads: one request runs at a time (the KV caches are the Generator's),
+    others wait their turn. A stream holds the Generator from its first chunk until it ends, is
+    closed (`.close()`) or is garbage-collected; starting another request in the thread that holds an
+    open stream raises GenerationError instead of waiting for itself forever.
+    Costs measured by the `auto` width scheduler persist across requests; acceptance is estimated per
+    request, seeded by what earlier `auto` requests of the same drafter and sampling settings saw.
     """
 
     def __init__(self, bundle: str | Path, *, backend: str = "auto", threads: int = 0, provider: str = "auto",
@@ -114,7 +131,11 @@ class Generator:
         self.built_widths = self.manifest.target.widths
         self.max_context = self.manifest.target.max_context
         self._costs: dict[str, CostModel] = {}
+        self._acceptance: dict[tuple, LongRunAcceptance] = {}
         self.aggregate = AggregateMetrics()
+        self.clock = time.perf_counter  # every duration in the metrics is read from this clock
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # thread ident of the running request
 
     # -- inputs -----------------------------------------------------------------------------------
     def encode(self, prompt: str | None, messages: list[dict[str, str]] | None,
@@ -146,37 +167,76 @@ class Generator:
         return config
 
     # -- generation -------------------------------------------------------------------------------
+    def _acquire(self) -> float:
+        """Wait for the Generator; returns the seconds waited."""
+        if self._holder == threading.get_ident():
+            raise GenerationError("this thread already runs a request on this Generator (an unfinished stream?); "
+                                  "read that stream to the end or call its .close() first.")
+        start = self.clock()
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        return self.clock() - start
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
     def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                prompt_ids: list[int] | None = None, config: GenerateConfig | None = None,
                **options: Any) -> Iterator[StreamChunk]:
         """Yield one StreamChunk per generated token, in order, then a final chunk with the finish reason.
 
-        The prompt is text, chat `messages` (rendered with the bundle's chat template) or token ids."""
+        The prompt is text, chat `messages` (rendered with the bundle's chat template) or token ids.
+        Bad options raise GenerationError here, before anything runs."""
         config = self._config(config, options)
         prompt_ids = self.encode(prompt, messages, prompt_ids)
         drafter = make_drafter(config.draft, self.draft)
-        scheduler = WidthScheduler(self.built_widths, 0 if config.draft == "none" else config.width,
-                                   costs=self._costs.setdefault(config.draft, CostModel()))
-        metrics = RequestMetrics(prompt_tokens=len(prompt_ids))
+        width = 0 if config.draft == "none" else config.width
+        WidthScheduler(self.built_widths, width)  # validates the width now
+        return self._run(config, prompt_ids, drafter, width)
+
+    def _run(self, config: GenerateConfig, prompt_ids: list[int], drafter, width) -> Iterator[StreamChunk]:
+        queued = self._acquire()
+        try:
+            yield from self._stream_locked(config, prompt_ids, drafter, width, queued)
+        finally:
+            self._release()
+
+    def _stream_locked(self, config: GenerateConfig, prompt_ids: list[int], drafter, width,
+                       queued: float) -> Iterator[StreamChunk]:
+        params = config.sampling
+        seed = None if params.greedy else (config.seed if config.seed is not None else random_seed())
+        long_run = self._acceptance.setdefault((config.draft, params, config.accept), LongRunAcceptance())
+        scheduler = WidthScheduler(self.built_widths, width, costs=self._costs.setdefault(config.draft, CostModel()),
+                                   acceptance=long_run.start_request())
+        picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept)
+        metrics = RequestMetrics(prompt_tokens=len(prompt_ids), seed=seed, queue_seconds=queued)
         state = LoopState()
-        rng = np.random.default_rng(config.seed)
-        decoder = IncrementalDecoder(self.tokenizer)
+        decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
         stopper = StopMatcher(config.stop)
-        start = time.perf_counter()
         tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
-                                    params=config.sampling, rng=rng, eos_ids=self.eos_ids, metrics=metrics, state=state)
+                                    picker=picker, eos_ids=self.eos_ids, metrics=metrics, state=state,
+                                    clock=self.clock)
         try:
             for token in tokens:
                 text, stopped = stopper.feed(decoder.push(token))
+                if stopped:
+                    state.finish_reason = "stop"  # this chunk carries the text before the stop string
                 yield StreamChunk(token, text)
                 if stopped:
-                    state.finish_reason = "stop"
                     break
         finally:
             tokens.close()
-        tail = "" if state.finish_reason == "stop" else stopper.feed(decoder.flush())[0] + stopper.flush()
-        metrics.total_seconds = time.perf_counter() - start
-        self.aggregate.add(metrics)
+        tail = ""
+        if state.finish_reason != "stop":
+            tail, stopped = stopper.feed(decoder.flush())
+            if stopped:  # a stop string completed by the held-back text at the very end
+                state.finish_reason = "stop"
+            else:
+                tail += stopper.flush()
+        if width == "auto":
+            long_run.update(scheduler.acceptance)
+        self.aggregate.add(metrics, state.finish_reason)
         yield StreamChunk(None, tail, state.finish_reason, metrics)
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
@@ -185,11 +245,15 @@ class Generator:
         """Generate to completion; greedy by default. Same options as `stream`."""
         texts, token_ids, last = [], [], None
         prompt_ids = self.encode(prompt, messages, prompt_ids)
-        for chunk in self.stream(prompt_ids=prompt_ids, config=config, **options):
-            texts.append(chunk.text)
-            if chunk.token_id is not None:
-                token_ids.append(chunk.token_id)
-            last = chunk
+        chunks = self.stream(prompt_ids=prompt_ids, config=config, **options)
+        try:
+            for chunk in chunks:
+                texts.append(chunk.text)
+                if chunk.token_id is not None:
+                    token_ids.append(chunk.token_id)
+                last = chunk
+        finally:
+            chunks.close()
         return GenerationResult("".join(texts), token_ids, last.finish_reason, prompt_ids, last.metrics)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .accept import accept_greedy, accept_sampled
 from .drafters import Drafter
 from .metrics import RequestMetrics
-from .sampling import SamplingParams, probs_from_logits, sample
+from .picker import TokenPicker
 from .scheduler import WidthScheduler
 
 
@@ -20,40 +19,59 @@ class LoopState:
     finish_reason: str | None = None  # eos | length | context
 
 
-def pick_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from logits [1, V] (plain decoding / prefill)."""
-    if params.greedy:
-        return int(logits[0].argmax())
-    return sample(probs_from_logits(logits, params)[0], rng)
+class BusyClock:
+    """Seconds since the request started, minus the time the consumer held a yielded token."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.start = clock()
+        self.paused = 0.0
+        self.paused_at: float | None = None
+
+    def __call__(self) -> float:
+        return (self.paused_at if self.paused_at is not None else self.clock()) - self.start - self.paused
+
+    def pause(self) -> None:
+        self.paused_at = self.clock()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.paused += self.clock() - self.paused_at
+            self.paused_at = None
 
 
 def speculative_decode(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: list[int], *,
-                       max_new_tokens: int, params: SamplingParams, rng: np.random.Generator, eos_ids: set[int],
-                       metrics: RequestMetrics, state: LoopState) -> Iterator[int]:
+                       max_new_tokens: int, picker: TokenPicker, eos_ids: set[int], metrics: RequestMetrics,
+                       state: LoopState, clock: Callable[[], float] = time.perf_counter) -> Iterator[int]:
     """Yields generated tokens one by one (eos excluded); `state.finish_reason` says why it stopped."""
-    clock = time.perf_counter
-    start = clock()
+    now = BusyClock(clock)
+    try:
+        yield from _rounds(target, drafter, scheduler, prompt_ids, max_new_tokens, picker, eos_ids, metrics, state, now)
+    finally:
+        now.resume()
+        metrics.total_seconds = now()
+
+
+def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: list[int], max_new_tokens: int,
+            picker: TokenPicker, eos_ids: set[int], metrics: RequestMetrics, state: LoopState,
+            now: BusyClock) -> Iterator[int]:
     target.reset()
-    first_logits = target.step(np.asarray(prompt_ids, dtype=np.int64))[-1:]  # prefill, [1, V]
+    first_logits = target.step(np.asarray(prompt_ids, dtype=np.int64))[-1]  # prefill, [V]
     target.commit(len(prompt_ids))
     drafter.start(prompt_ids)
-    next_tokens = [pick_token(first_logits, params, rng)]
+    next_tokens = [picker.target_token(first_logits, len(prompt_ids))]
     tokens = [*prompt_ids, *next_tokens]  # committed sequence; its last token is not in the target cache yet
-    metrics.prefill_seconds = clock() - start
-    last_emit = start
+    metrics.prefill_seconds = now()
     while True:
+        metrics.record_delivery(now())  # this round's tokens are ready together
         for token in next_tokens:  # emit one by one, stopping mid-run on eos / budget
             if token in eos_ids:
                 state.finish_reason = "eos"
                 return
-            now = clock()
-            if metrics.time_to_first_token is None:
-                metrics.time_to_first_token = now - start
-            else:
-                metrics.token_latencies.append(now - last_emit)
-            last_emit = now
             metrics.generated_tokens += 1
+            now.pause()  # the consumer's time with the token is not ours
             yield token
+            now.resume()
             if metrics.generated_tokens >= max_new_tokens:
                 state.finish_reason = "length"
                 return
@@ -61,22 +79,22 @@ def speculative_decode(target, drafter: Drafter, scheduler: WidthScheduler, prom
         if context_left < 0:
             state.finish_reason = "context"
             return
+        t0 = now()
         k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model)
-        t0 = clock()
-        proposal, draft_probs = drafter.propose(tokens, k, params, rng)  # [n<=k], [n, V] | None
-        t1 = clock()
+        t1 = now()
+        if k:
+            drafter.catch_up(tokens)
+        t2 = now()
+        proposal, draft_probs = drafter.propose(tokens, k, picker)  # [n<=k], [n, V] | None
+        t3 = now()
         target_logits = target.step(np.concatenate([tokens[-1:], proposal]).astype(np.int64))  # [n+1, V]
-        t2 = clock()
-        if params.greedy:
-            accepted, bonus = accept_greedy(proposal, target_logits)
-        else:
-            accepted, bonus = accept_sampled(proposal, draft_probs, probs_from_logits(target_logits, params), rng)
+        t4 = now()
+        accepted, bonus = picker.verify(proposal, draft_probs, target_logits, len(tokens))
         target.commit(accepted + 1)  # rows of the last token and the accepted proposals; the rest is dropped
         next_tokens = [*proposal[:accepted].tolist(), bonus]
         tokens.extend(next_tokens)
         drafter.accepted(tokens, len(proposal), accepted)
-        metrics.record_round(k, len(proposal), accepted, metrics.generated_tokens, t1 - t0, t2 - t1)
-        scheduler.costs.record_verify(len(proposal), t2 - t1)
-        if drafter.uses_model:
-            scheduler.costs.record_draft(len(proposal), t1 - t0)
-        scheduler.costs.record_acceptance(len(proposal), accepted)
+        t5 = now()
+        metrics.draft_catchup_seconds += t2 - t1
+        metrics.record_round(k, len(proposal), accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
+        scheduler.record(k, len(proposal), accepted, t4 - t3, t3 - t2, drafter.uses_model)

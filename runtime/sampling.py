@@ -55,8 +55,47 @@ def probs_from_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs
 
 
-def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from probabilities [V] by inverse CDF."""
+def sample(probs: np.ndarray, uniform: float) -> int:
+    """One token from probabilities [V] (need not sum to 1) by inverse CDF at `uniform` in [0, 1)."""
     cdf = np.cumsum(probs)
-    index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    index = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
     return min(index, len(probs) - 1)
+
+# -- random draws that depend on (seed, position, purpose) only -------------------------------------
+# A request's random numbers are keyed by where they are used, never by how many were drawn before, so
+# a seeded run gives the same tokens whatever widths the scheduler picks (its choices depend on the
+# clock) and whatever the drafter proposes.
+DRAFT_DRAW, ACCEPT_DRAW, TARGET_DRAW, RACE_DRAW = 0, 1, 2, 3  # purposes of a draw at one position
+
+
+def random_seed() -> int:
+    """A fresh seed for a request that did not pass one (reported in its metrics)."""
+    return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class PositionRandom:
+    """Uniforms and exponential races for sequence position p, from (seed, p, purpose) alone."""
+
+    def __init__(self, seed: int, vocab: int):
+        self.seed = int(seed)
+        self.vocab = vocab
+        self._races: dict[int, np.ndarray] = {}  # position -> [V] exponentials, kept for one round
+
+    def uniform(self, position: int, purpose: int) -> float:
+        return float(np.random.default_rng([self.seed, position, purpose]).random())
+
+    def race(self, position: int) -> np.ndarray:
+        """[V] iid Exp(1) draws shared by draft and target at this position (see `race_pick`)."""
+        races = self._races.get(position)
+        if races is None:
+            if len(self._races) > 64:  # positions of past rounds are never asked for again
+                self._races.clear()
+            races = np.random.default_rng([self.seed, position, RACE_DRAW]).standard_exponential(self.vocab)
+            self._races[position] = races
+        return races
+
+
+def race_pick(probs: np.ndarray, races: np.ndarray) -> int:
+    """argmax probs / races [V]: an exact sample from `probs` (the exponential race, i.e. the Gumbel-max
+    trick); two distributions raced with the same draws pick the same token as often as they agree."""
+    return int(np.argmax(probs / races))

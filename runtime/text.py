@@ -52,31 +52,39 @@ class BundleTokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing token list into text deltas; holds back incomplete UTF-8 sequences.
+    """Text deltas of a growing token list, through the tokenizers library's DecodeStream.
 
-    Decodes only a short window (from the last emitted boundary), so streaming stays O(n).
-    """
+    The stream starts with the tail of the prompt as context, so the first token's text is what it
+    adds after the prompt (a SentencePiece/Metaspace '▁word' keeps its leading space). Incomplete
+    UTF-8 sequences are held back until a later token completes them."""
 
-    def __init__(self, tokenizer: BundleTokenizer):
+    CONTEXT_TOKENS = 8
+
+    def __init__(self, tokenizer: BundleTokenizer, prompt_ids: list[int] | tuple[int, ...] = ()):
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        context = [int(i) for i in prompt_ids[-self.CONTEXT_TOKENS :]] if prompt_ids else []
+        self.stream = DecodeStream(skip_special_tokens=True)
+        complete = True
+        for token_id in context:  # the context's own text is not ours to emit
+            complete = self.stream.step(tokenizer.tokenizer, token_id) is not None
+        if not complete:  # the prompt ends inside a character (or on a special token): start without context
+            self.stream = DecodeStream(skip_special_tokens=True)
+        self.held: list[int] = []  # tokens whose text the stream still holds back
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
+        text = self.stream.step(self.tokenizer.tokenizer, int(token_id))
+        if text is None:
+            self.held.append(int(token_id))
+            return ""
+        self.held = []
+        return text
 
     def flush(self) -> str:
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :]
+        """Text still held back at the end (an incomplete character decodes to U+FFFD)."""
+        held, self.held = self.held, []
+        return self.tokenizer.decode(held) if held else ""
 
 
 @dataclass

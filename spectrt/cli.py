@@ -60,7 +60,11 @@ def _build_options(func):
         click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4"]),
                      help="The draft's weight quantization if different from --quantize (a cheaper draft only "
                           "changes acceptance, never the output) [default: same as --quantize]."),
-        click.option("--out", help="Bundle folder [default: engines/<name>]."),
+        click.option("--out", help="Bundle folder [default: engines/<name>]: missing, empty, or an earlier bundle "
+                                   "(with --overwrite); any other folder is refused, never deleted."),
+        click.option("--overwrite", is_flag=True, default=False,
+                     help="Replace an existing bundle at --out (atomically; the old one survives a failed build). "
+                          "A folder that is not a spectrt bundle is never touched."),
         click.option("--name", help="Bundle name [default: from the target]."),
         click.option("--validate/--no-validate", default=None,
                      help="Check each graph against transformers on the same weights [default: on]."),
@@ -75,7 +79,7 @@ def _build_options(func):
     return func
 
 
-def _run_build(recipe: Path | None, as_json: bool, **options: Any) -> None:
+def _run_build(recipe: Path | None, as_json: bool, overwrite: bool = False, **options: Any) -> None:
     from spectrt.compiler.build import build_bundle
     from spectrt.compiler.config import BuildConfig, load_recipe, parse_widths
     from spectrt.errors import ConfigError
@@ -93,7 +97,7 @@ def _run_build(recipe: Path | None, as_json: bool, **options: Any) -> None:
             raise ConfigError(f"{' and '.join(missing)} required (or pass a recipe file: `spectrt build "
                               f"engines/recipes/<pair>.toml`). See `spectrt build --help`.")
         config = BuildConfig(**given)
-    result = build_bundle(config)
+    result = build_bundle(config, overwrite=overwrite)
     summary = build_summary(result.manifest, result.bundle_dir, result.seconds, result.peak_rss_mb)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -233,14 +237,18 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (exactly the target's output).")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--seed", type=int, help="Seed for sampling (a seeded run reproduces; with --accept coupled it also "
+                                       "equals seeded plain decoding token for token).")
+@click.option("--accept", type=click.Choice(["coupled", "rejection"]), default="coupled", show_default=True,
+              help="Sampling verification: coupled (shared per-position randomness: reproducible at any width) or "
+                   "rejection (residual rejection sampling: highest acceptance).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print text, finish reason and all metrics as JSON.")
 def generate_command(bundle: Path, prompt: str | None, chat_message: str | None, max_new_tokens: int, stream: bool,
                      draft: str, width: str, temperature: float, top_k: int, top_p: float, seed: int | None,
-                     stop: tuple[str, ...], threads: int, backend: str, as_json: bool) -> None:
+                     accept: str, stop: tuple[str, ...], threads: int, backend: str, as_json: bool) -> None:
     """Generate text from BUNDLE with speculative decoding.
 
     \b
@@ -253,7 +261,7 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
     if (prompt is None) == (chat_message is None):
         raise GenerationError("pass a PROMPT or --chat MESSAGE (exactly one).")
     config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=stop, draft=draft, width=width)
+                            seed=seed, accept=accept, stop=stop, draft=draft, width=width)
     generator = Generator(bundle, backend=backend, threads=threads, load_draft=draft in ("auto", "model"))
     messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
     texts, token_ids, final = [], [], None
@@ -278,15 +286,17 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
 
 
 def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
-    def fmt(value: Any, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+    def fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value * scale, spec)
 
     return (f"[{metrics['generated_tokens']} tokens, {finish_reason}] {fmt(metrics['tokens_per_second'], '.2f')} tok/s, "
-            f"TTFT {fmt(metrics['time_to_first_token'], '.3f')} s, acceptance {fmt(metrics['acceptance_rate'], '.1%')}, "
+            f"TTFT {fmt(metrics['time_to_first_token'], '.3f')} s, TPOT {fmt(metrics['time_per_output_token'], '.1f', 1e3)} ms, "
+            f"acceptance {fmt(metrics['acceptance_rate'], '.1%')}, "
             f"{fmt(metrics['tokens_per_round'], '.2f')} tokens/round over {metrics['rounds']} rounds "
-            f"({metrics['fallback_rounds']} plain), draft {metrics['draft_seconds']:.2f} s / verify "
-            f"{metrics['verify_seconds']:.2f} s, latency p50/p95 {fmt(metrics['token_latency_p50'], '.3f')}/"
-            f"{fmt(metrics['token_latency_p95'], '.3f')} s")
+            f"({metrics['fallback_rounds']} plain, {metrics['draft_misses']} without a draft), "
+            f"draft {metrics['draft_seconds']:.2f} s / verify {metrics['verify_seconds']:.2f} s, "
+            f"inter-chunk gap p50/p95 {fmt(metrics['inter_chunk_gap_p50'], '.1f', 1e3)}/"
+            f"{fmt(metrics['inter_chunk_gap_p95'], '.1f', 1e3)} ms")
 
 
 @main.command("bench")

@@ -39,7 +39,7 @@ def run_demo(*, small: bool, max_new_tokens: int, prompt: str | None, say: Calla
         say("      already built; delete the folder to rebuild")
     except BundleError:
         say("      not built yet: fetching models and building (a few minutes for the Qwen pair)")
-        build_bundle(config)
+        build_bundle(config, overwrite=True)  # replaces only an invalid bundle; other folders are refused
     say("[2/3] loading the bundle")
     generator = Generator(bundle)
     prompt = prompt or DEFAULT_PROMPT
@@ -58,5 +58,8 @@ def run_demo(*, small: bool, max_new_tokens: int, prompt: str | None, say: Calla
     show(f"speculative decoding: {spec_m.tokens_per_second or 0:6.2f} tok/s  (speed-up {speedup or 0:.2f}x)")
     show(f"acceptance {spec_m.acceptance_rate or 0:.1%}, {spec_m.tokens_per_round or 0:.2f} tokens per target call, "
          f"{spec_m.fallback_rounds} plain rounds of {spec_m.rounds}; widths used {dict(spec_m.width_histogram)}")
+    show(f"time per output token: plain {1e3 * (plain_m.time_per_output_token or 0):.1f} ms, speculative "
+         f"{1e3 * (spec_m.time_per_output_token or 0):.1f} ms; inter-chunk gap p95 "
+         f"{1e3 * (spec_m.to_json()['inter_chunk_gap_p95'] or 0):.1f} ms")
     show(f"output identical to plain greedy decoding: {'yes' if identical else 'NO'}")
     return {"speedup": speedup, "identical": identical, "plain": plain_m.to_json(), "speculative": spec_m.to_json()}

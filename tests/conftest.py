@@ -91,8 +91,10 @@ def tiny_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def tiny_generator(tiny_bundle):
+    """A fresh Generator on the tiny bundle per test: a test may change it (eos ids, clock) without
+    affecting any other test."""
     from spectrt.runtime.generator import Generator
 
     return Generator(tiny_bundle, threads=1)

@@ -46,6 +46,11 @@ def test_greedy_is_longest_agreeing_prefix(proposal, data):
     assert accepted == expected and bonus == target_tokens[expected]
 
 
+def sampled(proposal, draft_probs, target_probs, rng):
+    """accept_sampled with fresh uniforms for the accept tests [k] and the replacement draws [k+1]."""
+    return accept_sampled(proposal, draft_probs, target_probs, rng.random(len(proposal)), rng.random(len(proposal) + 1))
+
+
 def test_sampled_forced_rejection_uses_residual():
     """Target gives the proposed token probability 0: always rejected, and the replacement is drawn from
     max(0, target - draft) renormalised: here only token 3 has positive residual."""
@@ -53,14 +58,14 @@ def test_sampled_forced_rejection_uses_residual():
     target_probs = np.array([[0.0, 0.0, 0.0, 0.5, 0.5], [0.2] * 5])  # [2, V]
     rng = np.random.default_rng(0)
     for _ in range(50):
-        assert accept_sampled(np.array([1]), draft_probs, target_probs, rng) == (0, 3)
+        assert sampled(np.array([1]), draft_probs, target_probs, rng) == (0, 3)
 
 
 def test_sampled_identical_distributions_always_accept():
     probs = np.array([[0.1, 0.2, 0.3, 0.2, 0.2]] * 3)
     rng = np.random.default_rng(1)
     for _ in range(50):
-        accepted, bonus = accept_sampled(np.array([2, 4]), probs[:2], probs, rng)
+        accepted, bonus = sampled(np.array([2, 4]), probs[:2], probs, rng)
         assert accepted == 2 and 0 <= bonus < V
 
 
@@ -68,7 +73,7 @@ def test_sampled_point_mass_draft_rejects_with_target_probability():
     """n-gram drafts are deterministic: acceptance probability is exactly the target's probability of the token."""
     target_probs = np.array([[0.3, 0.7, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
     rng = np.random.default_rng(2)
-    results = [accept_sampled(np.array([0]), None, target_probs, rng) for _ in range(4000)]
+    results = [sampled(np.array([0]), None, target_probs, rng) for _ in range(4000)]
     accepted = np.mean([n for n, _ in results])
     assert abs(accepted - 0.3) < 0.03
     assert all(tok == 2 for n, tok in results if n == 1)  # bonus from the next position
@@ -89,7 +94,7 @@ def test_first_token_follows_target_distribution(broken, monkeypatch):
     samples = []
     for _ in range(20000):
         proposal = np.array([rng.choice(V, p=draft_probs[0])])
-        accepted, bonus = accept_module.accept_sampled(proposal, draft_probs, target_probs, rng)
+        accepted, bonus = sampled(proposal, draft_probs, target_probs, rng)
         samples.append(int(proposal[0]) if accepted else bonus)
     empirical = np.bincount(samples, minlength=V) / len(samples)
     total_variation = 0.5 * np.abs(empirical - target_probs[0]).sum()

@@ -100,6 +100,9 @@ def test_prompt_longer_than_max_context(tiny_generator):
     ({"prompt": "hi", "draft": "magic"}, "unknown drafter 'magic'"),
     ({"prompt": "hi", "width": "wide"}, "width must be 'auto' or an integer"),
     ({"prompt": "hi", "temperature": -0.5}, "temperature must be >= 0"),
+    ({"prompt": "hi", "top_p": 0.0}, "top_p must lie in"),
+    ({"prompt": "hi", "temperature": 1.0, "accept": "magic"}, "accept must be one of coupled, rejection"),
+    ({"prompt": "hi", "temperature": 1.0, "seed": -3}, "seed must be an integer"),
 ])
 def test_bad_requests(tiny_generator, kwargs, message):
     with pytest.raises(GenerationError, match=message):
@@ -107,12 +110,31 @@ def test_bad_requests(tiny_generator, kwargs, message):
 
 
 def test_generator_survives_bad_requests(tiny_generator):
-    """A refused request loses nothing: the next one still matches plain decoding."""
+    """Requests refused while the generator holds another request's state (prefill and rounds done, a stream
+    open in another thread) lose nothing: that stream and the next requests still match plain decoding."""
+    import threading
+
     tiny_generator.eos_ids = set()
-    before = tiny_generator.generate(prompt_ids=[5, 6, 7], max_new_tokens=8, draft="none").token_ids
-    with pytest.raises(GenerationError):
-        tiny_generator.generate(prompt_ids=list(range(1, 300)))
-    assert tiny_generator.generate(prompt_ids=[5, 6, 7], max_new_tokens=8, draft="model", width=3).token_ids == before
+    request = dict(prompt_ids=[5, 6, 7], max_new_tokens=12)
+    before = tiny_generator.generate(**request, draft="none").token_ids
+    stream = tiny_generator.stream(**request, draft="model", width=3)
+    first = [next(stream).token_id for _ in range(4)]  # state exists: caches hold this request
+    refused = []
+
+    def bad_requests() -> None:
+        for bad in (dict(prompt_ids=list(range(1, 300))), dict(prompt_ids=[1], width=4), dict(prompt="")):
+            try:
+                tiny_generator.generate(**bad)
+            except GenerationError as exc:
+                refused.append(exc)
+
+    thread = threading.Thread(target=bad_requests)
+    thread.start()
+    thread.join(timeout=60)
+    assert len(refused) == 3  # refused up front, without waiting for the open stream
+    rest = [chunk.token_id for chunk in stream][:-1]
+    assert first + rest == before
+    assert tiny_generator.generate(**request, draft="model", width=3).token_ids == before
 
 
 def test_cli_generate_errors_and_json(tiny_bundle, tmp_path):
@@ -124,8 +146,17 @@ def test_cli_generate_errors_and_json(tiny_bundle, tmp_path):
     result = runner.invoke(main, ["generate", str(tiny_bundle), "def add", "--max-new-tokens", "6", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
+    metrics = data["metrics"]
     assert data["draft"] == "model" and len(data["token_ids"]) <= 6
-    for key in ("acceptance_rate", "accepted_length_histogram", "per_position_acceptance", "rejected_spans",
-                "fallback_rounds", "draft_seconds", "verify_seconds", "time_to_first_token", "token_latency_p50",
-                "token_latency_p95", "token_latency_p99", "tokens_per_second", "rounds"):
-        assert key in data["metrics"]
+    assert metrics["generated_tokens"] == len(data["token_ids"])
+    assert metrics["rounds"] == metrics["fallback_rounds"] + metrics["draft_misses"] + metrics["speculative_rounds"]
+    assert metrics["rejected_tokens"] == metrics["drafted_tokens"] - metrics["accepted_tokens"]
+    assert metrics["rejected_tokens"] == sum(length for _, length in metrics["rejected_spans"])
+    if metrics["drafted_tokens"]:
+        assert metrics["acceptance_rate"] == metrics["accepted_tokens"] / metrics["drafted_tokens"]
+    assert sum(metrics["width_histogram"].values()) == metrics["rounds"]
+    assert metrics["deliveries"] == metrics["rounds"] + 1 or data["finish_reason"] != "length"
+    assert 0 < metrics["time_to_first_token"] <= metrics["total_seconds"]
+    assert metrics["time_to_first_token"] + metrics["decode_seconds"] == pytest.approx(metrics["total_seconds"], abs=1e-3)
+    assert metrics["tokens_per_second"] == pytest.approx(1 / metrics["time_per_output_token"])
+    assert metrics["seed"] is None  # greedy

@@ -39,11 +39,11 @@ def exact_distribution(generator) -> dict[tuple[int, ...], float]:
     return dist
 
 
-def empirical(generator, draft: str, width) -> Counter:
+def empirical(generator, draft: str, width, accept: str = "coupled") -> Counter:
     counts = Counter()
     for seed in range(SAMPLES):
         result = generator.generate(prompt_ids=PROMPT, max_new_tokens=TOKENS, draft=draft, width=width, seed=seed,
-                                    **PARAMS)
+                                    accept=accept, **PARAMS)
         counts[tuple(result.token_ids)] += 1
     return counts
 
@@ -80,13 +80,16 @@ def exact(generator):
     return dist
 
 
-@pytest.mark.parametrize("draft,width", [("model", 2), ("model", 3), ("ngram", 3), ("none", 0)])
-def test_speculative_sampling_matches_target_distribution(generator, exact, draft, width):
-    counts = empirical(generator, draft, width)
+@pytest.mark.parametrize("accept,draft,width", [
+    ("rejection", "model", 2), ("rejection", "model", 3), ("rejection", "ngram", 3), ("rejection", "model", "auto"),
+    ("coupled", "none", 0), ("coupled", "model", 3), ("coupled", "ngram", "auto"),
+])
+def test_speculative_sampling_matches_target_distribution(generator, exact, accept, draft, width):
+    drafted_before = generator.aggregate.totals["drafted_tokens"]
+    counts = empirical(generator, draft, width, accept)
     assert total_variation(counts, exact) < TV_BOUND
     if draft == "model":
-        metrics = generator.aggregate.requests[-1]
-        assert metrics.drafted_tokens > 0
+        assert generator.aggregate.totals["drafted_tokens"] > drafted_before
 
 
 def test_broken_residual_is_detected(generator, exact, monkeypatch):
@@ -95,5 +98,43 @@ def test_broken_residual_is_detected(generator, exact, monkeypatch):
     import spectrt.runtime.accept as accept_module
 
     monkeypatch.setattr(accept_module, "residual", lambda target_row, draft_row, token: target_row)
-    counts = empirical(generator, "model", 3)
+    counts = empirical(generator, "model", 3, "rejection")
     assert total_variation(counts, exact) > TV_BOUND
+
+
+def test_coupled_sampling_is_plain_sampling_token_for_token(generator):
+    """With the coupled rule, a seeded speculative run is the seeded plain run, whatever the drafter and width,
+    and `auto` (whose widths follow the clock) reproduces."""
+    for seed in range(40):
+        options = dict(prompt_ids=PROMPT, max_new_tokens=12, seed=seed, temperature=0.9, top_p=0.9)
+        plain = generator.generate(**options, draft="none").token_ids
+        for draft, width in (("model", 2), ("model", 5), ("model", "auto"), ("ngram", "auto")):
+            assert generator.generate(**options, draft=draft, width=width).token_ids == plain, (seed, draft, width)
+
+
+def test_seeded_runs_reproduce(generator):
+    options = dict(prompt_ids=PROMPT, max_new_tokens=16, seed=11, temperature=1.0, top_k=5)
+    for accept, width in (("coupled", "auto"), ("rejection", 3)):
+        first = generator.generate(**options, draft="model", width=width, accept=accept)
+        second = generator.generate(**options, draft="model", width=width, accept=accept)
+        assert first.token_ids == second.token_ids and first.metrics.seed == 11
+    unseeded = generator.generate(**dict(options, seed=None), draft="model")
+    assert unseeded.metrics.seed is not None  # reported, so the run can be repeated
+    again = generator.generate(**dict(options, seed=unseeded.metrics.seed), draft="model")
+    assert again.token_ids == unseeded.token_ids
+
+
+@pytest.mark.parametrize("accept", ["coupled", "rejection"])
+def test_top_p_end_to_end_keeps_every_token_in_the_nucleus(generator, accept):
+    """Each emitted token lies in the top-p nucleus of the target's distribution at its position."""
+    top_p = 0.3
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    for seed in range(20):
+        result = generator.generate(prompt_ids=PROMPT, max_new_tokens=12, seed=seed, temperature=1.0, top_p=top_p,
+                                    draft="model", width=3, accept=accept)
+        sequence = PROMPT + result.token_ids
+        generator.target.reset()
+        logits = generator.target.step(np.array(sequence[:-1]))[len(PROMPT) - 1 :].copy()  # [12, V]
+        nucleus = probs_from_logits(logits, params) > 0  # [12, V]
+        assert all(nucleus[i, token] for i, token in enumerate(result.token_ids)), seed
+        assert nucleus.sum(axis=1).max() < logits.shape[1] // 2  # top-p really cut the vocabulary

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spectrt.errors import GenerationError
-from spectrt.runtime.scheduler import (CostModel, WidthScheduler, acceptance_from_mean_accepted,
-                                       expected_speedup, expected_tokens_per_round)
+from spectrt.runtime.scheduler import (AcceptanceEstimate, CostModel, LongRunAcceptance, WidthScheduler,
+                                       acceptance_from_mean_accepted, expected_speedup, expected_tokens_per_round)
 
 
 def test_expected_tokens_per_round_formula():
@@ -28,8 +28,8 @@ def test_acceptance_inversion_roundtrip():
 
 
 def _measured(acceptance, draft_cost, verify):
-    costs = CostModel(draft_cost=draft_cost, verify_cost=dict(verify), prior_acceptance=acceptance)
-    return WidthScheduler((2, 4, 8), "auto", costs=costs)
+    costs = CostModel(draft_cost=draft_cost, verify_cost=dict(verify))
+    return WidthScheduler((2, 4, 8), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=acceptance))
 
 
 def test_auto_picks_wide_when_acceptance_is_high_and_draft_cheap():
@@ -59,13 +59,52 @@ def test_auto_measures_unmeasured_widths_first_and_respects_limit():
 
 
 def test_acceptance_estimate_adapts():
-    costs = CostModel(prior_acceptance=0.6)
+    estimate = AcceptanceEstimate(prior=0.6)
     for _ in range(20):
-        costs.record_acceptance(proposed=4, accepted=4)
-    assert costs.acceptance > 0.95
+        estimate.record(proposed=4, accepted=4)
+    assert estimate.value > 0.95
     for _ in range(20):
-        costs.record_acceptance(proposed=4, accepted=0)
-    assert costs.acceptance < 0.25  # the data says ~0.05; the prior (0.6 x 2 trials) still pulls a little
+        estimate.record(proposed=4, accepted=0)
+    assert estimate.value < 0.25  # the data says ~0.05; the prior (0.6 x 2 trials) still pulls a little
+
+
+def test_long_run_acceptance_seeds_the_next_request_only():
+    long_run = LongRunAcceptance()
+    assert long_run.start_request().value == pytest.approx(0.6)  # neutral until a request has been seen
+    request = long_run.start_request()
+    for _ in range(10):
+        request.record(proposed=4, accepted=1)  # 1 accepted of 2 judged per round
+    assert long_run.value == pytest.approx(0.6)  # a running request does not move the long-run value...
+    long_run.update(request)
+    assert long_run.value == pytest.approx(0.5)  # ...its totals do, once it ends
+    assert long_run.start_request().prior == pytest.approx(0.5)
+
+
+def test_stale_widths_are_measured_again():
+    """A width whose only measurement was bad (a cold first call) is re-measured after `stale_after` rounds."""
+    costs = CostModel(stale_after=32)
+    costs.record_verify(0, 1.0)
+    costs.record_verify(2, 1.05)
+    costs.record_verify(4, 50.0)  # one slow first call: 4 would never be chosen on this number
+    costs.draft_cost = 0.01
+    scheduler = WidthScheduler((2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.9),
+                               probe_every=8)
+    chosen = []
+    for _ in range(64):
+        k = scheduler.width(limit=100)
+        chosen.append(k)
+        scheduler.record(k, k, k, {0: 1.0, 2: 1.05, 4: 1.1}[k], 0.01 * k, model_draft=True)
+    assert 4 in chosen, "the stale width was never measured again"
+    assert chosen[-1] == 4, "after a fresh measurement the scheduler prefers the width that pays most"
+
+
+def test_scheduler_record_charges_only_what_it_predicts():
+    scheduler = WidthScheduler((2, 4), "auto")
+    scheduler.record(4, 4, 3, verify_seconds=0.5, draft_seconds=0.2, model_draft=True)
+    assert scheduler.costs.verify_cost == {4: 0.5} and scheduler.costs.draft_cost == pytest.approx(0.05)
+    scheduler.record(4, 2, 2, verify_seconds=0.3, draft_seconds=0.0, model_draft=False)  # n-gram found only 2
+    assert scheduler.costs.verify_cost[2] == 0.3  # priced as the call it was: 3 tokens
+    assert scheduler.costs.draft_cost == pytest.approx(0.05)
 
 
 def test_fixed_width_must_be_built():

@@ -69,3 +69,45 @@ def test_chat_messages_use_the_bundle_template(tiny_generator):
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     result = tiny_generator.generate(messages=messages, max_new_tokens=5)
     assert result.prompt_token_ids == tiny_generator.tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
+
+
+def test_streaming_keeps_the_leading_space_of_sentencepiece_tokens(tmp_path):
+    """Metaspace ('▁word') tokenizers drop the space of a sequence's first word when decoding; the stream starts
+    with the prompt as context, so the first generated word keeps the space it adds after the prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from spectrt.runtime.text import BundleTokenizer
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    bundle_tokenizer = BundleTokenizer(tmp_path / "tokenizer.json", {})
+    prompt = bundle_tokenizer.encode("Hello")
+    assert prompt == [1]
+    with_context = IncrementalDecoder(bundle_tokenizer, prompt)
+    assert [with_context.push(2), with_context.push(3)] == [" world", "!"]
+    assert "Hello" + " world!" == bundle_tokenizer.decode(prompt + [2, 3])
+    without_context = IncrementalDecoder(bundle_tokenizer)
+    assert without_context.push(2) == "world"  # what a context-free stream loses
+
+
+def test_stop_string_completed_by_the_final_flush_reports_stop(tiny_generator):
+    """The tiny byte-level BPE can end a run inside a UTF-8 character: its text is held back and only released
+    by the final flush. A stop string found in that tail must end with finish_reason 'stop' too."""
+    tiny_generator.eos_ids = set()
+    prompt = [100, 101, 102, 103, 104]
+    full = tiny_generator.generate(prompt_ids=prompt, max_new_tokens=40, draft="model", width=3)
+    for n in range(1, 41):  # a length at which the last token leaves text held back
+        decoder = IncrementalDecoder(tiny_generator.tokenizer, prompt)
+        deltas = [decoder.push(t) for t in full.token_ids[:n]]
+        tail = decoder.flush()
+        if deltas[-1] == "" and tail:
+            break
+    else:
+        raise AssertionError("no run length ends inside a character: pick another prompt for this test")
+    text = "".join(deltas)
+    stop = tail[-1]
+    cut = tiny_generator.generate(prompt_ids=prompt, max_new_tokens=n, draft="model", width=3, stop=(stop,))
+    assert cut.finish_reason == "stop"
+    assert cut.text == (text + tail)[: (text + tail).index(stop)]

@@ -11,6 +11,10 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     bundle = results["bundle"]
     config = results["config"]
@@ -28,22 +32,25 @@ def markdown_table(results: dict[str, Any]) -> str:
         "Tokens/s are decode tokens/s (after the first token), median over prompts of the per-prompt median; "
         "speed-up is the median per-prompt ratio to plain decoding of the same target in the same run; "
         "predicted is the Leviathan et al. formula from the measured acceptance and per-call costs. "
+        "TPOT is the time per output token after the first (median over runs); a gap is the time between two "
+        "deliveries a streaming client sees (the tokens of one round arrive together), p50/p95 over all gaps. "
         "Exact = prompts whose tokens equal plain decoding's.",
         "",
     ]
     for workload, data in results["workloads"].items():
         lines += [f"## {workload}", "",
                   "| config | tok/s | speed-up | predicted | acceptance | accepted/round | tokens/round | TTFT s "
-                  "| p50 s | p95 s | plain rounds | exact |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| TPOT ms | gap p50 ms | gap p95 ms | plain rounds | no-draft rounds | exact |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in data["summaries"]:
             predicted = (s.get("predicted") or {}).get("speedup")
             lines.append(
                 f"| {s['config']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['speedup_vs_plain'])}x | "
                 f"{_fmt(predicted)}{'x' if predicted else ''} | {_fmt(s['acceptance_rate'], '.0%')} | "
                 f"{_fmt(s['mean_accepted_length'])} | {_fmt(s['tokens_per_round'])} | {_fmt(s['time_to_first_token'], '.3f')} | "
-                f"{_fmt(s['token_latency_p50'], '.3f')} | {_fmt(s['token_latency_p95'], '.3f')} | "
-                f"{s['fallback_rounds']}/{s['rounds']} | {s['exact_match_with_plain']}/{s['prompts']} |")
+                f"{_fmt(_ms(s['time_per_output_token']), '.1f')} | {_fmt(_ms(s['inter_chunk_gap_p50']), '.1f')} | "
+                f"{_fmt(_ms(s['inter_chunk_gap_p95']), '.1f')} | {s['fallback_rounds']}/{s['rounds']} | "
+                f"{s['draft_misses']}/{s['rounds']} | {s['exact_match_with_plain']}/{s['prompts']} |")
         lines.append("")
     peer = results.get("peer")
     if peer:
@@ -107,15 +114,15 @@ def plot_latency(results: dict[str, Any], path: Path) -> None:
 
     plt, fig, panels = _figure(results)
     for ax, workload in panels:
-        latencies = results["workloads"][workload]["latencies"]
-        for label, values in latencies.items():
+        gaps = results["workloads"][workload]["inter_chunk_gaps"]
+        for label, values in gaps.items():
             if not values:
                 continue
             ordered = np.sort(np.asarray(values) * 1000.0)
             ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
-        ax.set_title(f"{workload}: per-token latency")
-        ax.set_xlabel("ms between consecutive tokens")
-        ax.set_ylabel("fraction of tokens")
+        ax.set_title(f"{workload}: inter-chunk delivery gap")
+        ax.set_xlabel("ms between consecutive deliveries")
+        ax.set_ylabel("fraction of gaps")
         ax.legend(fontsize=7)
     _save(plt, fig, path)
 

@@ -88,7 +88,7 @@ def predicted_speedup(runs: list[dict], plain_runs: list[dict], width: str | int
         return None
     k = int(width)
     drafted = sum(r["drafted_tokens"] for r in runs)
-    rounds = sum(r["rounds"] - r["fallback_rounds"] for r in runs)
+    rounds = sum(r["speculative_rounds"] for r in runs)
     plain_rounds = sum(r["rounds"] for r in plain_runs)
     if not drafted or not rounds or not plain_rounds:
         return None
@@ -110,8 +110,8 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
     plain_tps = {pid: _median([m["tokens_per_second"] for m in r["metrics"]]) for pid, r in plain_results.items()}
     ratios = [tokens_per_second[p] / plain_tps[p] for p in tokens_per_second if tokens_per_second[p] and plain_tps.get(p)]
     drafted = sum(m["drafted_tokens"] for m in runs)
-    speculative_rounds = sum(m["rounds"] - m["fallback_rounds"] for m in runs)
-    latencies = [lat for result in prompt_results.values() for lat in result["latencies"]]
+    speculative_rounds = sum(m["speculative_rounds"] for m in runs)
+    gaps = [gap for result in prompt_results.values() for gap in result["gaps"]]
     mismatches = [pid for pid, r in prompt_results.items() if r["token_ids"] != plain_results[pid]["token_ids"]]
     summary = {
         "config": spec.label,
@@ -127,10 +127,13 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
                                  if speculative_rounds else None),
         "tokens_per_round": sum(m["generated_tokens"] for m in runs) / max(sum(m["rounds"] for m in runs), 1),
         "fallback_rounds": sum(m["fallback_rounds"] for m in runs),
+        "draft_misses": sum(m["draft_misses"] for m in runs),
         "rounds": sum(m["rounds"] for m in runs),
         "time_to_first_token": _median([m["time_to_first_token"] for m in runs]),
-        "token_latency_p50": _percentile(latencies, 50),
-        "token_latency_p95": _percentile(latencies, 95),
+        "time_per_output_token": _median([m["time_per_output_token"] for m in runs]),
+        "inter_chunk_gap_p50": _percentile(gaps, 50),
+        "inter_chunk_gap_p95": _percentile(gaps, 95),
+        "inter_chunk_gap_p99": _percentile(gaps, 99),
         "draft_seconds": sum(m["draft_seconds"] for m in runs),
         "verify_seconds": sum(m["verify_seconds"] for m in runs),
         "total_seconds": sum(m["total_seconds"] for m in runs),
@@ -186,9 +189,9 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                     result = generator.generate(**prompt.request(), max_new_tokens=config.max_new_tokens,
                                                 draft=spec.draft, width=spec.width)
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
-                                                                        "metrics": [], "latencies": []})
+                                                                        "metrics": [], "gaps": []})
                     entry["metrics"].append(result.metrics.to_json())
-                    entry["latencies"].extend(result.metrics.token_latencies)
+                    entry["gaps"].extend(result.metrics.delivery_gaps)
                 say(f"  {workload} {prompt.id} repeat {repeat + 1}: " + ", ".join(
                     f"{s.label} {per_spec[s.label][prompt.id]['metrics'][-1]['tokens_per_second'] or 0:.1f}"
                     for s in specs) + " tok/s")
@@ -197,7 +200,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
             "summaries": summaries,
             "per_prompt": {label: {pid: {"metrics": r["metrics"], "tokens": len(r["token_ids"])}
                                    for pid, r in prompts_.items()} for label, prompts_ in per_spec.items()},
-            "latencies": {label: [lat for r in prompts_.values() for lat in r["latencies"]]
+            "inter_chunk_gaps": {label: [gap for r in prompts_.values() for gap in r["gaps"]]
                           for label, prompts_ in per_spec.items()},
         }
     results["config"] = asdict(config)
