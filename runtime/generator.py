@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,7 +53,8 @@ class GenerateConfig:
                 raise GenerationError(f"width must be 'auto' or an integer (got {self.width!r}).") from None
         if self.accept not in ACCEPT_RULES:
             raise GenerationError(f"accept must be one of {', '.join(ACCEPT_RULES)} (got {self.accept!r}).")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
 
@@ -106,9 +107,11 @@ class Generator:
     """A loaded bundle: target (and draft) sessions, tokenizer, and the speculative loop.
 
     Safe to share between threads: one request runs at a time (the KV caches are the Generator's),
-    others wait their turn. A stream holds the Generator from its first chunk until it ends, is
-    closed (`.close()`) or is garbage-collected; starting another request in the thread that holds an
-    open stream raises GenerationError instead of waiting for itself forever.
+    others wait their turn. A stream holds the Generator from its first chunk until its last token
+    chunk has been read (the final chunk with the finish reason comes after the release), it is
+    closed (`.close()`) or garbage-collected; starting another request in the thread that holds an
+    open stream raises GenerationError instead of waiting for itself forever. Consume each stream on
+    one thread.
     Costs measured by the `auto` width scheduler persist across requests; acceptance is estimated per
     request, seeded by what earlier `auto` requests of the same drafter and sampling settings saw.
     """
@@ -160,7 +163,20 @@ class Generator:
                                   f"(prompt + output); shorten the prompt or rebuild with a larger --max-context.")
         return ids
 
+    def _long_run_acceptance(self, config: GenerateConfig) -> LongRunAcceptance:
+        """Acceptance of earlier `auto` requests with this drafter and (rounded) sampling settings; bounded."""
+        params = config.sampling
+        key = ((config.draft, "greedy") if params.greedy else
+               (config.draft, config.accept, round(params.temperature, 2), params.top_k, round(params.top_p, 2)))
+        if key not in self._acceptance and len(self._acceptance) >= 64:
+            self._acceptance.pop(next(iter(self._acceptance)))  # forget the oldest settings
+        return self._acceptance.setdefault(key, LongRunAcceptance())
+
     def _config(self, config: GenerateConfig | None, options: dict[str, Any]) -> GenerateConfig:
+        unknown = sorted(set(options) - {f.name for f in fields(GenerateConfig)})
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; the options are the fields of "
+                                  f"GenerateConfig: {', '.join(f.name for f in fields(GenerateConfig))}.")
         config = replace(config or GenerateConfig(), **options)
         if config.draft == "auto":
             config = replace(config, draft="model" if self.draft is not None else "ngram")
@@ -171,11 +187,17 @@ class Generator:
         """Wait for the Generator; returns the seconds waited."""
         if self._holder == threading.get_ident():
             raise GenerationError("this thread already runs a request on this Generator (an unfinished stream?); "
-                                  "read that stream to the end or call its .close() first.")
+                                  "read that stream to the end or call its .close() first. (Consume each stream "
+                                  "on one thread: a thread pool that runs another request's steps on the thread "
+                                  "holding an open stream is refused the same way.)")
         start = self.clock()
         self._lock.acquire()
         self._holder = threading.get_ident()
-        return self.clock() - start
+        try:
+            return self.clock() - start
+        except BaseException:
+            self._release()
+            raise
 
     def _release(self) -> None:
         self._holder = None
@@ -196,17 +218,23 @@ class Generator:
         return self._run(config, prompt_ids, drafter, width)
 
     def _run(self, config: GenerateConfig, prompt_ids: list[int], drafter, width) -> Iterator[StreamChunk]:
+        final = None
         queued = self._acquire()
         try:
-            yield from self._stream_locked(config, prompt_ids, drafter, width, queued)
+            for chunk in self._stream_locked(config, prompt_ids, drafter, width, queued):
+                if chunk.token_id is None:
+                    final = chunk
+                else:
+                    yield chunk
         finally:
             self._release()
+        yield final  # after the release: a consumer that stops at the finish reason does not hold the Generator
 
     def _stream_locked(self, config: GenerateConfig, prompt_ids: list[int], drafter, width,
                        queued: float) -> Iterator[StreamChunk]:
         params = config.sampling
         seed = None if params.greedy else (config.seed if config.seed is not None else random_seed())
-        long_run = self._acceptance.setdefault((config.draft, params, config.accept), LongRunAcceptance())
+        long_run = self._long_run_acceptance(config)
         scheduler = WidthScheduler(self.built_widths, width, costs=self._costs.setdefault(config.draft, CostModel()),
                                    acceptance=long_run.start_request())
         picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept)

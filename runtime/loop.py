@@ -63,11 +63,12 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
     tokens = [*prompt_ids, *next_tokens]  # committed sequence; its last token is not in the target cache yet
     metrics.prefill_seconds = now()
     while True:
-        metrics.record_delivery(now())  # this round's tokens are ready together
-        for token in next_tokens:  # emit one by one, stopping mid-run on eos / budget
+        for index, token in enumerate(next_tokens):  # emit one by one, stopping mid-run on eos / budget
             if token in eos_ids:
                 state.finish_reason = "eos"
                 return
+            if index == 0:
+                metrics.record_delivery(now())  # this round's tokens are ready together
             metrics.generated_tokens += 1
             now.pause()  # the consumer's time with the token is not ours
             yield token

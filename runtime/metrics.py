@@ -21,6 +21,7 @@ spends between chunks of a stream, so a slow consumer does not inflate them):
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,8 +169,9 @@ class RequestMetrics:
 
 
 class LatencySummary:
-    """A bounded summary of many durations: count, sum, min, max and log-spaced buckets (1% wide), so
-    percentiles are within 1% of the exact value whatever the number of observations."""
+    """A bounded summary of many durations: count, sum, min, max and log-spaced buckets (2% wide; a
+    percentile is reported as its bucket's geometric middle, within 1% of the nearest-rank value)
+    whatever the number of observations."""
 
     GROWTH = 1.02  # bucket i holds values in [GROWTH^(i-1), GROWTH^i) * FLOOR: relative error <= 1%
     FLOOR = 1e-7  # seconds; smaller values (and 0) land in bucket 0
@@ -219,9 +221,12 @@ COUNTERS = ("prompt_tokens", "generated_tokens", "rounds", "fallback_rounds", "d
 
 
 class AggregateMetrics:
-    """Sums, histograms and bounded latency summaries over every request of a generator (constant memory)."""
+    """Sums, histograms and bounded latency summaries over every request of a generator (constant memory).
+
+    `add` and `to_json` take a lock, so a reader (a metrics scrape) never sees half a request."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.requests = 0
         self.finish_reasons: Counter = Counter()
         self.totals = {name: 0 for name in COUNTERS}
@@ -234,6 +239,10 @@ class AggregateMetrics:
                                                             "inter_chunk_gap", "round_latency")}
 
     def add(self, metrics: RequestMetrics, finish_reason: str | None = None) -> None:
+        with self._lock:
+            self._add(metrics, finish_reason)
+
+    def _add(self, metrics: RequestMetrics, finish_reason: str | None) -> None:
         self.requests += 1
         if finish_reason:
             self.finish_reasons[finish_reason] += 1
@@ -253,6 +262,10 @@ class AggregateMetrics:
         self.latency["round_latency"].extend(metrics.round_latencies)
 
     def to_json(self) -> dict[str, Any]:
+        with self._lock:
+            return self._to_json()
+
+    def _to_json(self) -> dict[str, Any]:
         totals = self.totals
         speculative = totals["rounds"] - totals["fallback_rounds"] - totals["draft_misses"]
         proposed, accepted = self.histograms["proposed_at_position"], self.histograms["accepted_at_position"]

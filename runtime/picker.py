@@ -63,7 +63,9 @@ class TokenPicker:
         if self.params.greedy:
             return accept_greedy(proposal, target_logits)
         if self.rule == "coupled":
-            return accept_matching(proposal, lambda i: self.target_token(target_logits[i], position + i))
+            accepted, token = accept_matching(proposal, lambda i: self.target_token(target_logits[i], position + i))
+            self.random.forget_before(position + accepted + 1)
+            return accepted, token
         target_probs = probs_from_logits(target_logits, self.params)  # [k+1, V]
         offsets = range(len(proposal) + 1)
         accept_draws = np.array([self.random.uniform(position + i, ACCEPT_DRAW) for i in offsets[:-1]])

@@ -79,7 +79,7 @@ class PositionRandom:
     def __init__(self, seed: int, vocab: int):
         self.seed = int(seed)
         self.vocab = vocab
-        self._races: dict[int, np.ndarray] = {}  # position -> [V] exponentials, kept for one round
+        self._races: dict[int, np.ndarray] = {}  # position -> [V] exponentials, kept for the current round
 
     def uniform(self, position: int, purpose: int) -> float:
         return float(np.random.default_rng([self.seed, position, purpose]).random())
@@ -88,11 +88,15 @@ class PositionRandom:
         """[V] iid Exp(1) draws shared by draft and target at this position (see `race_pick`)."""
         races = self._races.get(position)
         if races is None:
-            if len(self._races) > 64:  # positions of past rounds are never asked for again
-                self._races.clear()
             races = np.random.default_rng([self.seed, position, RACE_DRAW]).standard_exponential(self.vocab)
+            races = np.maximum(races, np.finfo(np.float64).tiny)  # never 0: probs / races stays finite
             self._races[position] = races
         return races
+
+    def forget_before(self, position: int) -> None:
+        """Positions before `position` are committed: their draws are never asked for again."""
+        for old in [p for p in self._races if p < position]:
+            del self._races[old]
 
 
 def race_pick(probs: np.ndarray, races: np.ndarray) -> int:

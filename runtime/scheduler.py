@@ -57,6 +57,7 @@ class CostModel:
     verify_cost: dict[int, float] = field(default_factory=dict)  # k -> one target call with k+1 tokens
     rounds: int = 0  # rounds recorded so far (the clock of `measured_at`)
     measured_at: dict[int, int] = field(default_factory=dict)  # k -> value of `rounds` when last measured
+    plain_choices: int = 0  # times `auto` chose plain decoding (every probe_every-th is a probe instead)
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -71,6 +72,24 @@ class CostModel:
         """`steps` draft decode steps took `seconds` (catch-up excluded)."""
         if steps:
             self.draft_cost = self._ema(self.draft_cost, seconds / steps)
+
+    def verify_estimate(self, k: int) -> float:
+        """Cost of a verify call with k+1 tokens: measured, else interpolated from the measured call sizes
+        (an n-gram drafter may never fill width k), else scaled linearly from the largest smaller one."""
+        if k in self.verify_cost:
+            return self.verify_cost[k]
+        below = [n for n in self.verify_cost if n < k]
+        above = [n for n in self.verify_cost if n > k]
+        if below and above:
+            lo, hi = max(below), min(above)
+            weight = (k - lo) / (hi - lo)
+            return (1 - weight) * self.verify_cost[lo] + weight * self.verify_cost[hi]
+        nearest = max(below) if below else min(above)
+        return self.verify_cost[nearest] * (k + 1) / (nearest + 1)
+
+    def mark_attempted(self, k: int) -> None:
+        """Width k was asked for but the call had another size: k counts as measured (by estimate) now."""
+        self.measured_at[k] = self.rounds
 
     def age(self, k: int) -> int:
         """Rounds recorded since width k was last measured (costs given up front count as measured at 0)."""
@@ -136,7 +155,6 @@ class WidthScheduler:
         self.costs = costs or CostModel()
         self.acceptance = acceptance or AcceptanceEstimate()
         self.probe_every = probe_every
-        self._rounds = 0
         if width == "auto":
             self.fixed = None
         else:
@@ -147,14 +165,13 @@ class WidthScheduler:
             self.fixed = k
 
     def _unmeasured(self, model_draft: bool) -> list[int]:
-        missing = [k for k in [0, *self.built] if k not in self.costs.verify_cost]
+        missing = [k for k in [0, *self.built] if k not in self.costs.verify_cost and k not in self.costs.measured_at]
         if model_draft and self.costs.draft_cost is None and self.built:
             missing.append(self.built[0])
         return missing
 
     def width(self, limit: int, model_draft: bool = True) -> int:
         """Width for the next round, at most `limit` (remaining budget / context)."""
-        self._rounds += 1
         if self.fixed is not None:
             return min(self.fixed, limit)  # the ONNX Runtime graph takes any K+1 length
         candidates = [k for k in self.built if k <= limit]
@@ -163,25 +180,28 @@ class WidthScheduler:
         missing = [k for k in self._unmeasured(model_draft) if k == 0 or k in candidates]
         if missing:  # measure every width once first (widest first: it is the one that may pay most)
             return max(missing)
-        if self._rounds % self.probe_every == 0:  # now and then, re-measure the stalest width
-            stalest = max([0, *candidates], key=self.costs.age)
-            if self.costs.age(stalest) >= self.costs.stale_after:
-                return stalest
+        stalest = max([0, *candidates], key=self.costs.age)
+        if self.costs.age(stalest) >= self.costs.stale_after:  # not measured for a while: measure it again
+            return stalest
         best_k, best_speed = 0, 1.0
-        plain = self.costs.verify_cost[0]
+        plain = self.costs.verify_estimate(0)
         draft = (self.costs.draft_cost or 0.0) if model_draft else 0.0
         for k in candidates:
-            speed = expected_speedup(self.acceptance.value, k, draft, self.costs.verify_cost[k], plain)
+            speed = expected_speedup(self.acceptance.value, k, draft, self.costs.verify_estimate(k), plain)
             if speed > best_speed:
                 best_k, best_speed = k, speed
-        if best_k == 0 and self._rounds % self.probe_every == 0:  # re-check acceptance now and then
-            return candidates[0]
+        if best_k == 0:  # re-check acceptance now and then (counted across requests: short ones too)
+            self.costs.plain_choices += 1
+            if self.costs.plain_choices % self.probe_every == 0:
+                return candidates[0]
         return best_k
 
     def record(self, k: int, proposed: int, accepted: int, verify_seconds: float, draft_seconds: float,
                model_draft: bool) -> None:
         """Feed one round's measurements back: the target call had proposed+1 tokens."""
         self.costs.record_verify(proposed, verify_seconds)
+        if proposed != k:
+            self.costs.mark_attempted(k)
         if model_draft:
             self.costs.record_draft(proposed, draft_seconds)
         self.acceptance.record(proposed, accepted)

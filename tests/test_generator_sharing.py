@@ -118,3 +118,23 @@ def test_a_request_failing_mid_generation_leaves_the_generator_usable(tiny_gener
     monkeypatch.undo()
     assert generator.generate(**request).token_ids == alone
     assert generator.generate(**dict(request, draft="none")).token_ids == alone
+
+
+def test_a_stream_read_up_to_its_finish_reason_frees_the_generator(tiny_generator):
+    """A consumer that stops at the final chunk (finish reason) without exhausting the iterator must not keep
+    the Generator: the final chunk is yielded after the release."""
+    generator = tiny_generator
+    stream = generator.stream(prompt_ids=[5, 6, 7], max_new_tokens=6)
+    while next(stream).finish_reason is None:
+        pass
+    assert generator.generate(prompt_ids=[5, 6, 7], max_new_tokens=6).finish_reason in ("length", "eos")
+    assert next(stream, "exhausted") == "exhausted"
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"temprature": 0.7}, "unknown generation option.*temprature"),
+    ({"temperature": 1.0, "seed": True}, "seed must be an integer"),
+])
+def test_option_mistakes_are_generation_errors(tiny_generator, options, message):
+    with pytest.raises(GenerationError, match=message):
+        tiny_generator.generate(prompt_ids=[1, 2], **options)

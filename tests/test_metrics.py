@@ -156,3 +156,18 @@ def test_aggregate_keeps_bounded_state():
     assert data["latency"]["time_per_output_token"]["p50"] == pytest.approx(0.057 / 9, rel=0.01)
     assert sum(len(s.buckets) for s in aggregate.latency.values()) < 20  # no per-request lists kept
     assert not any(isinstance(v, list) for v in vars(aggregate).values())
+
+
+def test_a_round_that_only_brings_eos_is_not_a_delivery():
+    clock = FakeClock()
+    target = FakeDecoder(clock, 0.010, 0.001)
+    metrics, state = RequestMetrics(), LoopState()
+    picker = TokenPicker(SamplingParams(), seed=None, vocab=V)
+    tokens = list(speculative_decode(target, NoDrafter(), WidthScheduler((1,), 0), [0], max_new_tokens=10,
+                                     picker=picker, eos_ids={4}, metrics=metrics, state=state, clock=clock))
+    assert tokens == [1, 2, 3] and state.finish_reason == "eos"
+    # prefill 11 ms, then plain rounds of 11 ms each; the round that produced eos delivers nothing
+    assert metrics.delivery_gaps == pytest.approx([0.011, 0.011])
+    assert metrics.decode_seconds == pytest.approx(0.022)
+    assert metrics.time_per_output_token == pytest.approx(0.011)
+    assert metrics.total_seconds == pytest.approx(0.044)  # the eos round still ran

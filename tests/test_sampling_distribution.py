@@ -88,7 +88,7 @@ def test_speculative_sampling_matches_target_distribution(generator, exact, acce
     drafted_before = generator.aggregate.totals["drafted_tokens"]
     counts = empirical(generator, draft, width, accept)
     assert total_variation(counts, exact) < TV_BOUND
-    if draft == "model":
+    if draft == "model" and width != "auto":  # auto may choose plain decoding on this machine's costs
         assert generator.aggregate.totals["drafted_tokens"] > drafted_before
 
 

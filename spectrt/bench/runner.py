@@ -84,8 +84,8 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def predicted_speedup(runs: list[dict], plain_runs: list[dict], width: str | int) -> dict[str, Any] | None:
     """Leviathan et al.'s formula from the measured acceptance and per-call costs of these runs."""
-    if width == "auto":
-        return None
+    if width == "auto" or any(r["draft_misses"] for r in runs):
+        return None  # the formula assumes K proposals every round: not `auto`, not a drafter that misses
     k = int(width)
     drafted = sum(r["drafted_tokens"] for r in runs)
     rounds = sum(r["speculative_rounds"] for r in runs)
@@ -112,7 +112,9 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
     drafted = sum(m["drafted_tokens"] for m in runs)
     speculative_rounds = sum(m["speculative_rounds"] for m in runs)
     gaps = [gap for result in prompt_results.values() for gap in result["gaps"]]
-    mismatches = [pid for pid, r in prompt_results.items() if r["token_ids"] != plain_results[pid]["token_ids"]]
+    mismatches = [pid for pid, r in prompt_results.items()
+                  if r["token_ids"] != plain_results[pid]["token_ids"] or not r["repeats_identical"]
+                  or not plain_results[pid]["repeats_identical"]]
     summary = {
         "config": spec.label,
         "draft": spec.draft,
@@ -125,7 +127,8 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         "acceptance_rate": sum(m["accepted_tokens"] for m in runs) / drafted if drafted else None,
         "mean_accepted_length": (sum(m["accepted_tokens"] for m in runs) / speculative_rounds
                                  if speculative_rounds else None),
-        "tokens_per_round": sum(m["generated_tokens"] for m in runs) / max(sum(m["rounds"] for m in runs), 1),
+        "tokens_per_round": (sum(max(m["generated_tokens"] - 1, 0) for m in runs)
+                             / max(sum(m["rounds"] for m in runs), 1)),
         "fallback_rounds": sum(m["fallback_rounds"] for m in runs),
         "draft_misses": sum(m["draft_misses"] for m in runs),
         "rounds": sum(m["rounds"] for m in runs),
@@ -134,6 +137,8 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         "inter_chunk_gap_p50": _percentile(gaps, 50),
         "inter_chunk_gap_p95": _percentile(gaps, 95),
         "inter_chunk_gap_p99": _percentile(gaps, 99),
+        "round_latency_p50": _median([m["round_latency_p50"] for m in runs]),
+        "round_latency_p95": _median([m["round_latency_p95"] for m in runs]),
         "draft_seconds": sum(m["draft_seconds"] for m in runs),
         "verify_seconds": sum(m["verify_seconds"] for m in runs),
         "total_seconds": sum(m["total_seconds"] for m in runs),
@@ -189,7 +194,9 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                     result = generator.generate(**prompt.request(), max_new_tokens=config.max_new_tokens,
                                                 draft=spec.draft, width=spec.width)
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
-                                                                        "metrics": [], "gaps": []})
+                                                                        "metrics": [], "gaps": [],
+                                                                        "repeats_identical": True})
+                    entry["repeats_identical"] &= result.token_ids == entry["token_ids"]
                     entry["metrics"].append(result.metrics.to_json())
                     entry["gaps"].extend(result.metrics.delivery_gaps)
                 say(f"  {workload} {prompt.id} repeat {repeat + 1}: " + ", ".join(
