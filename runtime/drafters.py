@@ -17,8 +17,9 @@ class Drafter(Protocol):
     name: str
     uses_model: bool
 
-    def start(self, prompt_ids: list[int]) -> None:
-        """A new request: `prompt_ids` is the prompt (already prefilled into the target)."""
+    def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
+        """A new request: `prompt_ids` is the prompt (already prefilled into the target); with reuse_prefix,
+        cached state of a common prefix from an earlier request may be kept."""
 
     def catch_up(self, tokens: list[int]) -> None:
         """Absorb committed tokens this drafter has not seen (after plain rounds); timed apart from drafting."""
@@ -37,7 +38,7 @@ class NoDrafter:
     name = "none"
     uses_model = False
 
-    def start(self, prompt_ids: list[int]) -> None:
+    def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
         pass
 
     def catch_up(self, tokens: list[int]) -> None:
@@ -63,7 +64,7 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def start(self, prompt_ids: list[int]) -> None:
+    def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
         pass
 
     def catch_up(self, tokens: list[int]) -> None:
@@ -95,11 +96,12 @@ class ModelDrafter:
     def __init__(self, decoder):
         self.decoder = decoder  # a backends.base.Decoder
 
-    def start(self, prompt_ids: list[int]) -> None:
-        self.decoder.reset()
-        if len(prompt_ids) > 1:  # the last prompt token is fed with the first proposal
-            self.decoder.step(np.asarray(prompt_ids[:-1], dtype=np.int64))
-            self.decoder.commit(len(prompt_ids) - 1)
+    def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
+        context = prompt_ids[:-1]  # the last prompt token is fed with the first proposal
+        kept = self.decoder.reuse(context, len(context)) if reuse_prefix else (self.decoder.reset() or 0)
+        if len(context) > kept:
+            self.decoder.step(np.asarray(context[kept:], dtype=np.int64))
+            self.decoder.commit(len(context) - kept)
 
     def catch_up(self, tokens: list[int]) -> None:
         # normally 1 or 2 committed tokens are new to the draft (2 after a fully accepted round) and are

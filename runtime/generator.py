@@ -38,6 +38,7 @@ class GenerateConfig:
     draft: str = "auto"  # auto (model if the bundle has one, else ngram) | model | ngram | none
     width: str | int = "auto"  # auto | a built width K | 0 (plain decoding)
     accept: str = "coupled"  # sampling only: coupled (reproducible, = plain sampling) | rejection (residual)
+    reuse_prefix: bool = True  # keep cached rows of a prompt prefix an earlier request already computed
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -244,7 +245,7 @@ class Generator:
         stopper = StopMatcher(config.stop)
         tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
                                     picker=picker, eos_ids=self.eos_ids, metrics=metrics, state=state,
-                                    clock=self.clock)
+                                    clock=self.clock, reuse_prefix=config.reuse_prefix)
         try:
             for token in tokens:
                 text, stopped = stopper.feed(decoder.push(token))

@@ -42,11 +42,13 @@ class BusyClock:
 
 def speculative_decode(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: list[int], *,
                        max_new_tokens: int, picker: TokenPicker, eos_ids: set[int], metrics: RequestMetrics,
-                       state: LoopState, clock: Callable[[], float] = time.perf_counter) -> Iterator[int]:
+                       state: LoopState, clock: Callable[[], float] = time.perf_counter,
+                       reuse_prefix: bool = True) -> Iterator[int]:
     """Yields generated tokens one by one (eos excluded); `state.finish_reason` says why it stopped."""
     now = BusyClock(clock)
     try:
-        yield from _rounds(target, drafter, scheduler, prompt_ids, max_new_tokens, picker, eos_ids, metrics, state, now)
+        yield from _rounds(target, drafter, scheduler, prompt_ids, max_new_tokens, picker, eos_ids, metrics, state, now,
+                           reuse_prefix)
     finally:
         now.resume()
         metrics.total_seconds = now()
@@ -54,11 +56,14 @@ def speculative_decode(target, drafter: Drafter, scheduler: WidthScheduler, prom
 
 def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: list[int], max_new_tokens: int,
             picker: TokenPicker, eos_ids: set[int], metrics: RequestMetrics, state: LoopState,
-            now: BusyClock) -> Iterator[int]:
-    target.reset()
-    first_logits = target.step(np.asarray(prompt_ids, dtype=np.int64))[-1]  # prefill, [V]
-    target.commit(len(prompt_ids))
-    drafter.start(prompt_ids)
+            now: BusyClock, reuse_prefix: bool) -> Iterator[int]:
+    # prefill: rows of a prompt prefix already in the cache (an earlier request's) are kept, the rest computed;
+    # at least the last prompt token is fed again, since its logits choose the first token
+    kept = target.reuse(prompt_ids, len(prompt_ids) - 1) if reuse_prefix else (target.reset() or 0)
+    first_logits = target.step(np.asarray(prompt_ids[kept:], dtype=np.int64))[-1]  # [V]
+    target.commit(len(prompt_ids) - kept)
+    metrics.reused_prompt_tokens = kept
+    drafter.start(prompt_ids, reuse_prefix)
     next_tokens = [picker.target_token(first_logits, len(prompt_ids))]
     tokens = [*prompt_ids, *next_tokens]  # committed sequence; its last token is not in the target cache yet
     metrics.prefill_seconds = now()

@@ -4,7 +4,8 @@ Definitions (all times in seconds, measured by the generator, never including ti
 spends between chunks of a stream, so a slow consumer does not inflate them):
 
 - queue_seconds: waiting for the Generator (another request held it).
-- prefill_seconds: the target's prompt prefill plus the drafter's own prefill.
+- prefill_seconds: the target's prompt prefill plus the drafter's own prefill (only the prompt tokens
+  not already cached: reused_prompt_tokens rows are kept from an earlier request).
 - time_to_first_token (TTFT): request start (after the queue) -> first token ready.
 - decode_seconds: first token ready -> last token ready.
 - time_per_output_token (TPOT): decode_seconds / (generated_tokens - 1); tokens_per_second = 1 / TPOT.
@@ -38,6 +39,7 @@ class RequestMetrics:
     """Filled in by the loop; read with the properties or `to_json()`."""
 
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt rows kept from an earlier request's cache (not prefilled again)
     generated_tokens: int = 0
     rounds: int = 0
     fallback_rounds: int = 0  # rounds at K = 0 (plain decoding)
@@ -131,6 +133,7 @@ class RequestMetrics:
     def to_json(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "reused_prompt_tokens": self.reused_prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "seed": self.seed,
             "rounds": self.rounds,
@@ -215,8 +218,8 @@ class LatencySummary:
                 "p50": self.percentile(50), "p95": self.percentile(95), "p99": self.percentile(99), "max": self.max}
 
 
-COUNTERS = ("prompt_tokens", "generated_tokens", "rounds", "fallback_rounds", "draft_misses", "drafted_tokens",
-            "accepted_tokens", "queue_seconds", "prefill_seconds", "draft_seconds", "draft_catchup_seconds",
+COUNTERS = ("prompt_tokens", "reused_prompt_tokens", "generated_tokens", "rounds", "fallback_rounds", "draft_misses",
+            "drafted_tokens", "accepted_tokens", "queue_seconds", "prefill_seconds", "draft_seconds", "draft_catchup_seconds",
             "verify_seconds", "total_seconds", "decode_seconds")
 
 

@@ -36,12 +36,12 @@ class FakeDecoder(CacheBookkeeping):
     """A Decoder whose logits follow a rule; positions are tracked like a real KV cache."""
 
     def __init__(self, clock: FakeClock, call_s: float, per_token_s: float, wrong_at: set[int] = frozenset()):
+        super().__init__(KVCache(1, 64, 1, 1, "fp32"))
         self.clock, self.call_s, self.per_token_s, self.wrong_at = clock, call_s, per_token_s, wrong_at
-        self.cache = KVCache(1, 64, 1, 1, "fp32")
         self.max_context, self.vocab = 64, V
         self.calls: list[int] = []  # tokens per call
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray:
+    def _forward(self, token_ids: np.ndarray) -> np.ndarray:
         self.clock.advance(self.call_s + self.per_token_s * len(token_ids))
         self.calls.append(len(token_ids))
         logits = np.zeros((len(token_ids), V), np.float32)  # [S, V]

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ..kv_cache import KVCache
+
 
 class Decoder(Protocol):
     """One model with its KV cache.
@@ -30,19 +32,51 @@ class Decoder(Protocol):
 
     def reset(self) -> None: ...
 
+    def reuse(self, token_ids: list[int], limit: int) -> int: ...
+
 
 class CacheBookkeeping:
-    """commit / rollback / reset / length of a decoder that keeps its rows in `self.cache` (a KVCache)."""
+    """length / step / commit / rollback / reset / reuse of a decoder whose rows live in `self.cache` (a
+    KVCache). It also remembers which token each committed row holds, so a later request whose prompt
+    starts with the same tokens can keep those rows (`reuse`). Subclasses implement `_forward`."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.cached_tokens: list[int] = []  # the token of each committed row
+        self._pending: list[int] = []  # tokens of the last step, not committed yet
 
     @property
     def length(self) -> int:
         return self.cache.length
 
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        """token_ids [S] at positions length.. -> logits [S, V]; their rows are written but not committed."""
+        self._pending = np.asarray(token_ids).reshape(-1).tolist()
+        return self._forward(token_ids)
+
+    def _forward(self, token_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def commit(self, count: int) -> None:
+        assert count <= len(self._pending), "commit only rows of the last step"
         self.cache.commit(count)
+        self.cached_tokens.extend(self._pending[:count])
+        self._pending = []
 
     def rollback(self, length: int) -> None:
         self.cache.rollback(length)
+        del self.cached_tokens[length:]
 
     def reset(self) -> None:
-        self.cache.rollback(0)
+        self.rollback(0)
+
+    def reuse(self, token_ids: list[int], limit: int) -> int:
+        """Keep the committed rows of the longest common prefix of the cache and `token_ids` (at most
+        `limit` rows), drop the rest; returns how many rows were kept."""
+        kept = 0
+        for cached, wanted in zip(self.cached_tokens[:limit], token_ids):
+            if cached != wanted:
+                break
+            kept += 1
+        self.rollback(kept)
+        return kept

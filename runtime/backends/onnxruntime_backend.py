@@ -121,11 +121,11 @@ class OrtDecoder(CacheBookkeeping):
         self.num_layers = num_layers
         self.max_context = max_context
         self.vocab = vocab
-        self.cache = KVCache(num_layers, max_context, kv_heads, head_dim, precision)
+        super().__init__(KVCache(num_layers, max_context, kv_heads, head_dim, precision))
         self._logits = np.zeros((1, max_context, vocab), np.float32)  # [1, C, V] output buffer
         self._np_dtype = self.cache.dtype
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray:
+    def _forward(self, token_ids: np.ndarray) -> np.ndarray:
         """token_ids [S] -> logits [S, V] (a view into a reused buffer: copy it if you keep it)."""
         token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(1, -1)  # [1, S]
         count = token_ids.shape[1]
