@@ -136,6 +136,7 @@ class Generator:
         self.max_context = self.manifest.target.max_context
         self._costs: dict[str, CostModel] = {}
         self._acceptance: dict[tuple, LongRunAcceptance] = {}
+        self._last_width: dict[str, int | None] = {}  # drafter -> width of the latest round
         self.aggregate = AggregateMetrics()
         self.clock = time.perf_counter  # every duration in the metrics is read from this clock
         self._lock = threading.Lock()
@@ -164,6 +165,19 @@ class Generator:
                                   f"(prompt + output); shorten the prompt or rebuild with a larger --max-context.")
         return ids
 
+    def resolve_drafter(self, draft: str) -> str:
+        """The drafter a request with `draft` uses ('auto' -> 'model' if the bundle has one, else 'ngram')."""
+        return ("model" if self.draft is not None else "ngram") if draft == "auto" else draft
+
+    def scheduler_state(self) -> dict[str, dict[str, Any]]:
+        """Per drafter: the width of the latest round and the long-run acceptance estimate of greedy `auto`
+        requests (what the scheduler starts the next request from)."""
+        state = {}
+        for drafter, width in self._last_width.items():
+            long_run = self._acceptance.get((drafter, "greedy"))
+            state[drafter] = {"width": width, "acceptance": long_run.value if long_run else None}
+        return state
+
     def _long_run_acceptance(self, config: GenerateConfig) -> LongRunAcceptance:
         """Acceptance of earlier `auto` requests with this drafter and (rounded) sampling settings; bounded."""
         params = config.sampling
@@ -179,8 +193,7 @@ class Generator:
             raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; the options are the fields of "
                                   f"GenerateConfig: {', '.join(f.name for f in fields(GenerateConfig))}.")
         config = replace(config or GenerateConfig(), **options)
-        if config.draft == "auto":
-            config = replace(config, draft="model" if self.draft is not None else "ngram")
+        config = replace(config, draft=self.resolve_drafter(config.draft))
         return config
 
     # -- generation -------------------------------------------------------------------------------
@@ -265,6 +278,7 @@ class Generator:
                 tail += stopper.flush()
         if width == "auto":
             long_run.update(scheduler.acceptance)
+        self._last_width[config.draft] = scheduler.last_width
         self.aggregate.add(metrics, state.finish_reason)
         yield StreamChunk(None, tail, state.finish_reason, metrics)
 

@@ -268,6 +268,12 @@ class AggregateMetrics:
         with self._lock:
             return self._to_json()
 
+    def latency_percentile(self, name: str, q: float) -> float | None:
+        """Percentile q of one latency summary (queue, time_to_first_token, time_per_output_token,
+        inter_chunk_gap, round_latency) over all requests so far."""
+        with self._lock:
+            return self.latency[name].percentile(q)
+
     def _to_json(self) -> dict[str, Any]:
         totals = self.totals
         speculative = totals["rounds"] - totals["fallback_rounds"] - totals["draft_misses"]

