@@ -339,6 +339,36 @@ def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new
     click.echo("written: " + ", ".join(str(p) for p in paths.values()), err=True)
 
 
+@main.command("bench-serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--clients", type=int, default=4, show_default=True, help="Concurrent clients (concurrency part).")
+@click.option("--requests", "requests_per_client", type=int, default=2, show_default=True,
+              help="Requests per client (concurrency part).")
+@click.option("--conversations", type=int, default=2, show_default=True, help="Conversations (multi-turn part).")
+@click.option("--turns", type=int, default=3, show_default=True, help="Turns per conversation (multi-turn part).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--workload", default="chat", show_default=True, help="A workload with chat prompts.")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads of the server (0 = its default).")
+@click.option("--out", default=None, help="Output folder [default: bench/serve-<bundle>-<time>].")
+def bench_serve_command(bundle: Path, clients: int, requests_per_client: int, conversations: int, turns: int,
+                        max_new_tokens: int, workload: str, threads: int, out: str | None) -> None:
+    """Benchmark `spectrt serve` on BUNDLE with real HTTP clients: concurrency (plain, speculative, paced) and
+    multi-turn chat (plain, KV-cache reuse, speculative, both). Writes results.json and results.md."""
+    import time as time_module
+
+    from spectrt.bench.serving import ServeBenchConfig, run_serving_benchmark, write_serving_report
+    from spectrt.runtime.manifest import read_manifest
+
+    read_manifest(bundle)  # a clear error before a server starts
+    out = out or f"bench/serve-{bundle.name}-{time_module.strftime('%Y%m%d-%H%M%S')}"
+    config = ServeBenchConfig(bundle=str(bundle), clients=clients, requests_per_client=requests_per_client,
+                              turns=turns, conversations=conversations, max_new_tokens=max_new_tokens,
+                              workload=workload, threads=threads, out=out)
+    results = run_serving_benchmark(config, say=click.echo)
+    paths = write_serving_report(results, Path(out))
+    click.echo(f"wrote {paths['json']} and {paths['markdown']}")
+
+
 @main.command("demo")
 @click.option("--small", is_flag=True, help="SmolLM2-135M (fp32 target, int4 copy as draft): a one-minute look.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)

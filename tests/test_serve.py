@@ -3,61 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from spectrt.runtime.generator import Generator
+from spectrt.serve.process import ServerProcess
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A `spectrt serve` child process on a free loopback port."""
-
-    def __init__(self, bundle: Path, *options: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(Path(sys.executable).parent / "spectrt"), "serve", str(bundle), "--port", str(self.port),
-                   "--threads", "1", "--log-level", "warning", *options]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"spectrt serve exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("spectrt serve did not become healthy within 60 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
+class Server(ServerProcess):
     def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics, parsed with the Prometheus text parser."""
         from prometheus_client.parser import text_string_to_metric_families
 
         samples = {}
-        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+        for family in text_string_to_metric_families(self.metrics_text()):
             for sample in family.samples:
                 samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
         return samples
@@ -70,7 +32,7 @@ def metric_sum(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_bundle):
-    server = Server(tiny_bundle, "--max-queue", "3")
+    server = Server(tiny_bundle, max_queue=3)
     yield server
     server.stop()
 
@@ -281,3 +243,25 @@ def test_health_models_and_metric_names(tiny_server):
                  "spectrt_round_latency_seconds_bucket", "spectrt_accepted_length_bucket", "spectrt_queue_depth",
                  "spectrt_scheduler_width", "spectrt_acceptance_estimate"):
         assert name in text, name
+
+
+def test_serving_benchmark_runs_every_configuration(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from spectrt.cli import main
+
+    out = tmp_path / "serve-bench"
+    result = CliRunner().invoke(main, ["bench-serve", str(tiny_bundle), "--clients", "2", "--requests", "1",
+                                       "--conversations", "1", "--turns", "2", "--max-new-tokens", "8",
+                                       "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["concurrency"]) == {"plain", "speculative", "speculative+paced"}
+    assert set(data["multi_turn"]) == {"plain", "reuse", "speculative", "speculative+reuse"}
+    for part in ("concurrency", "multi_turn"):
+        for summary in data[part].values():
+            assert summary["identical_to_plain"] == summary["compared"] > 0  # greedy: same texts everywhere
+            assert summary["generated_tokens"] > 0 and summary["ttft_p50"] > 0
+    assert data["multi_turn"]["reuse"]["reused_prompt_tokens"] > 0
+    assert data["multi_turn"]["plain"]["reused_prompt_tokens"] == 0
+    assert "| speculative+paced |" in (out / "results.md").read_text()
