@@ -315,9 +315,12 @@ def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
 @click.option("--peer-target", help="Model for the peer baseline [default: the bundle's source, if a known model].")
 @click.option("--peer-draft", help="Assistant model for the peer baseline.")
 @click.option("--out", default=None, help="Output folder [default: bench/<bundle>-<time>].")
+@click.option("--reuse-prefix/--no-reuse-prefix", default=False, show_default=True,
+              help="Let runs reuse the KV rows of the previous run's prompt (off: every run prefills cold, so TTFT "
+                   "compares like with like).")
 def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new_tokens: int, repeats: int,
                   warmup: int, prompts: int | None, threads: int, peer: str, peer_target: str | None,
-                  peer_draft: str | None, out: str | None) -> None:
+                  peer_draft: str | None, out: str | None, reuse_prefix: bool) -> None:
     """Measure speculative decoding against plain decoding of the same target, in the same run.
 
     Writes results.json (every number, machine and versions), results.md (tables) and PNG plots.
@@ -332,7 +335,8 @@ def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new
                          drafts=tuple(d for d in drafts.split(",") if d),
                          widths=tuple(w if w == "auto" else int(w) for w in widths.split(",") if w),
                          max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, prompts=prompts,
-                         threads=threads, out=out, peer=peer, peer_target=peer_target, peer_draft=peer_draft)
+                         threads=threads, out=out, peer=peer, peer_target=peer_target, peer_draft=peer_draft,
+                         reuse_prefix=reuse_prefix)
     results = run_benchmark(config, say=lambda m: click.echo(m, err=True))
     paths = write_report(results, Path(out))
     click.echo(paths["markdown"].read_text())

@@ -41,6 +41,7 @@ class BenchConfig:
     peer: str = "auto"  # auto | transformers | none: transformers generate, plain and assisted
     peer_target: str | None = None  # model path / known name for the peer (default: the bundle's sources)
     peer_draft: str | None = None
+    reuse_prefix: bool = False  # off: every run prefills its whole prompt, so TTFT compares like with like
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 1:
@@ -187,12 +188,12 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
         for _ in range(config.warmup):  # warm caches, sessions and the auto scheduler's cost model
             for spec in specs:
                 generator.generate(**prompts[0].request(), max_new_tokens=config.max_new_tokens,
-                                   draft=spec.draft, width=spec.width)
+                                   draft=spec.draft, width=spec.width, reuse_prefix=config.reuse_prefix)
         for repeat in range(config.repeats):
             for prompt in prompts:
                 for spec in specs:
                     result = generator.generate(**prompt.request(), max_new_tokens=config.max_new_tokens,
-                                                draft=spec.draft, width=spec.width)
+                                                draft=spec.draft, width=spec.width, reuse_prefix=config.reuse_prefix)
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
                                                                         "metrics": [], "gaps": [],
                                                                         "repeats_identical": True})
