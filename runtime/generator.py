@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -12,6 +13,7 @@ import numpy as np
 
 from spectrt.errors import BackendUnavailableError, GenerationError
 
+from .constraints import ConstraintCompiler, ConstraintMetrics, ConstraintSpec, RequestConstraint, constraint_spec
 from .drafters import make_drafter
 from .loop import LoopState, speculative_decode
 from .manifest import Manifest, ModelEntry, read_manifest, verify_files
@@ -39,6 +41,11 @@ class GenerateConfig:
     width: str | int = "auto"  # auto | a built width K | 0 (plain decoding)
     accept: str = "coupled"  # sampling only: coupled (reproducible, = plain sampling) | rejection (residual)
     reuse_prefix: bool = True  # keep cached rows of a prompt prefix an earlier request already computed
+    # structured output (at most one): the output must match it; see docs/constraints.md
+    json_schema: dict | bool | str | None = None  # a JSON schema (dict or JSON text; kept as JSON text)
+    regex: str | None = None  # a regular expression the whole output matches
+    grammar: str | None = None  # a Lark grammar (llguidance syntax) with a `start` rule
+    choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -58,10 +65,20 @@ class GenerateConfig:
                                       or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
+        spec = constraint_spec(self.json_schema, self.regex, self.grammar, self.choice)  # validates the form
+        if spec is not None and spec.kind == "json_schema":
+            object.__setattr__(self, "json_schema", spec.source)  # JSON text: the frozen config holds no dict
+        if spec is not None and spec.kind == "choice":
+            object.__setattr__(self, "choice", tuple(json.loads(spec.source)))
 
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def constraint(self) -> ConstraintSpec | None:
+        """The structured-output constraint of this request, if any."""
+        return constraint_spec(self.json_schema, self.regex, self.grammar, self.choice)
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class StreamChunk:
     text: str
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
+    constraint: ConstraintMetrics | None = None  # last chunk of a constrained request: forced tokens, mask time
 
 
 @dataclass
@@ -83,6 +101,7 @@ class GenerationResult:
     finish_reason: str  # eos | length | stop | context
     prompt_token_ids: list[int]
     metrics: RequestMetrics = field(repr=False, default_factory=RequestMetrics)
+    constraint: ConstraintMetrics | None = field(repr=False, default=None)  # constrained requests only
 
 
 def _make_decoder(manifest: Manifest, entry: ModelEntry, backend: str, threads: int, provider: str):
@@ -132,6 +151,8 @@ class Generator:
         if load_draft and self.manifest.draft is not None:
             self.draft = _make_decoder(self.manifest, self.manifest.draft, backend, threads, provider)
         self.eos_ids = set(int(i) for i in self.manifest.generation["eos_token_ids"])
+        self.constraints = ConstraintCompiler(self.manifest.file(self.manifest.tokenizer_file),
+                                              self.manifest.target.logits_vocab, self.eos_ids)
         self.built_widths = self.manifest.target.widths
         self.max_context = self.manifest.target.max_context
         self._costs: dict[str, CostModel] = {}
@@ -165,9 +186,12 @@ class Generator:
                                   f"(prompt + output); shorten the prompt or rebuild with a larger --max-context.")
         return ids
 
-    def resolve_drafter(self, draft: str) -> str:
-        """The drafter a request with `draft` uses ('auto' -> 'model' if the bundle has one, else 'ngram')."""
-        return ("model" if self.draft is not None else "ngram") if draft == "auto" else draft
+    def resolve_drafter(self, draft: str, constrained: bool = False) -> str:
+        """The drafter a request with `draft` uses ('auto' -> 'model' if the bundle has one, else 'ngram'; under a
+        constraint 'grammar+model' / 'grammar+ngram': forced tokens come from the grammar, the rest as before)."""
+        if draft != "auto":
+            return draft
+        return ("grammar+" if constrained else "") + ("model" if self.draft is not None else "ngram")
 
     def scheduler_state(self) -> dict[str, dict[str, Any]]:
         """Per drafter: the width of the latest round and the long-run acceptance estimate of greedy `auto`
@@ -183,6 +207,8 @@ class Generator:
         params = config.sampling
         key = ((config.draft, "greedy") if params.greedy else
                (config.draft, config.accept, round(params.temperature, 2), params.top_k, round(params.top_p, 2)))
+        if config.constraint is not None:  # constrained output is accepted at other rates
+            key = (*key, "constrained")
         if key not in self._acceptance and len(self._acceptance) >= 64:
             self._acceptance.pop(next(iter(self._acceptance)))  # forget the oldest settings
         return self._acceptance.setdefault(key, LongRunAcceptance())
@@ -193,7 +219,7 @@ class Generator:
             raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; the options are the fields of "
                                   f"GenerateConfig: {', '.join(f.name for f in fields(GenerateConfig))}.")
         config = replace(config or GenerateConfig(), **options)
-        config = replace(config, draft=self.resolve_drafter(config.draft))
+        config = replace(config, draft=self.resolve_drafter(config.draft, config.constraint is not None))
         return config
 
     # -- generation -------------------------------------------------------------------------------
@@ -226,16 +252,21 @@ class Generator:
         Bad options raise GenerationError here, before anything runs."""
         config = self._config(config, options)
         prompt_ids = self.encode(prompt, messages, prompt_ids)
-        drafter = make_drafter(config.draft, self.draft)
+        spec = config.constraint
+        drafter = make_drafter(config.draft, self.draft, constrained=spec is not None)
         width = 0 if config.draft == "none" else config.width
         WidthScheduler(self.built_widths, width)  # validates the width now
-        return self._run(config, prompt_ids, drafter, width)
+        # validated now; a constrained request always has an end token (the bundle's, if eos_ids was emptied)
+        constraint = (self.constraints.compile(spec, self.eos_ids or self.constraints.eos_ids) if spec is not None
+                      else None)
+        return self._run(config, prompt_ids, drafter, width, constraint)
 
-    def _run(self, config: GenerateConfig, prompt_ids: list[int], drafter, width) -> Iterator[StreamChunk]:
+    def _run(self, config: GenerateConfig, prompt_ids: list[int], drafter, width,
+             constraint: RequestConstraint | None = None) -> Iterator[StreamChunk]:
         final = None
         queued = self._acquire()
         try:
-            for chunk in self._stream_locked(config, prompt_ids, drafter, width, queued):
+            for chunk in self._stream_locked(config, prompt_ids, drafter, width, queued, constraint):
                 if chunk.token_id is None:
                     final = chunk
                 else:
@@ -245,19 +276,21 @@ class Generator:
         yield final  # after the release: a consumer that stops at the finish reason does not hold the Generator
 
     def _stream_locked(self, config: GenerateConfig, prompt_ids: list[int], drafter, width,
-                       queued: float) -> Iterator[StreamChunk]:
+                       queued: float, constraint: RequestConstraint | None = None) -> Iterator[StreamChunk]:
         params = config.sampling
         seed = None if params.greedy else (config.seed if config.seed is not None else random_seed())
         long_run = self._long_run_acceptance(config)
         scheduler = WidthScheduler(self.built_widths, width, costs=self._costs.setdefault(config.draft, CostModel()),
                                    acceptance=long_run.start_request())
-        picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept)
+        picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept,
+                             constraint=constraint)
         metrics = RequestMetrics(prompt_tokens=len(prompt_ids), seed=seed, queue_seconds=queued)
         state = LoopState()
         decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
         stopper = StopMatcher(config.stop)
         tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
-                                    picker=picker, eos_ids=self.eos_ids, metrics=metrics, state=state,
+                                    picker=picker, eos_ids=constraint.eos_ids if constraint else self.eos_ids,
+                                    metrics=metrics, state=state,
                                     clock=self.clock, reuse_prefix=config.reuse_prefix)
         try:
             for token in tokens:
@@ -280,7 +313,7 @@ class Generator:
             long_run.update(scheduler.acceptance)
         self._last_width[config.draft] = scheduler.last_width
         self.aggregate.add(metrics, state.finish_reason)
-        yield StreamChunk(None, tail, state.finish_reason, metrics)
+        yield StreamChunk(None, tail, state.finish_reason, metrics, constraint.metrics if constraint else None)
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  prompt_ids: list[int] | None = None, config: GenerateConfig | None = None,
@@ -297,7 +330,8 @@ class Generator:
                 last = chunk
         finally:
             chunks.close()
-        return GenerationResult("".join(texts), token_ids, last.finish_reason, prompt_ids, last.metrics)
+        return GenerationResult("".join(texts), token_ids, last.finish_reason, prompt_ids, last.metrics,
+                                last.constraint)
 
 
 def load(bundle: str | Path, **options: Any) -> Generator:

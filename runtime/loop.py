@@ -16,7 +16,7 @@ from .scheduler import WidthScheduler
 
 @dataclass
 class LoopState:
-    finish_reason: str | None = None  # eos | length | context
+    finish_reason: str | None = None  # eos | length | context (eos also: a constraint's grammar is complete)
 
 
 class BusyClock:
@@ -64,7 +64,7 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
     target.commit(len(prompt_ids) - kept)
     metrics.reused_prompt_tokens = kept
     drafter.start(prompt_ids, reuse_prefix)
-    next_tokens = [picker.target_token(first_logits, len(prompt_ids))]
+    next_tokens = [picker.next_token(first_logits, len(prompt_ids))]
     tokens = [*prompt_ids, *next_tokens]  # committed sequence; its last token is not in the target cache yet
     metrics.prefill_seconds = now()
     while True:
@@ -79,8 +79,11 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
             yield token
             now.resume()
             if metrics.generated_tokens >= max_new_tokens:
-                state.finish_reason = "length"
+                state.finish_reason = "eos" if _grammar_complete(picker, next_tokens[index + 1 :], eos_ids) else "length"
                 return
+        if _grammar_complete(picker, [], eos_ids):  # end of sequence is all the grammar allows now
+            state.finish_reason = "eos"
+            return
         context_left = target.max_context - target.length - 1  # the last token still needs a cache row
         if context_left < 0:
             state.finish_reason = "context"
@@ -104,3 +107,10 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         metrics.draft_catchup_seconds += t2 - t1
         metrics.record_round(k, len(proposal), accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
         scheduler.record(k, len(proposal), accepted, t4 - t3, t3 - t2, drafter.uses_model)
+
+
+def _grammar_complete(picker: TokenPicker, rest: list[int], eos_ids: set[int]) -> bool:
+    """The request's constraint is complete after the tokens emitted so far (`rest`: this round's tokens not
+    emitted, which after a complete grammar can only be end of sequence)."""
+    constraint = picker.constraint
+    return constraint is not None and constraint.finished and all(token in eos_ids for token in rest)

@@ -230,10 +230,19 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
 @click.option("--chat", "chat_message", help="Send this text as a user chat message (uses the bundle's chat template).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--stream", is_flag=True, help="Print tokens as they are accepted.")
-@click.option("--draft", type=click.Choice(["auto", "model", "ngram", "none"]), default="auto", show_default=True,
-              help="model: the bundle's draft; ngram: prompt lookup; none: plain target decoding (the baseline).")
+@click.option("--draft", type=click.Choice(["auto", "model", "ngram", "none", "grammar", "grammar+model", "grammar+ngram"]),
+              default="auto", show_default=True,
+              help="model: the bundle's draft; ngram: prompt lookup; none: plain target decoding (the baseline); "
+                   "grammar[+model|+ngram]: tokens a constraint forces, proposed without a model (constraints only; "
+                   "auto under a constraint is grammar+model, or grammar+ngram without a draft model).")
 @click.option("--width", default="auto", show_default=True,
               help="Speculation width K: auto (cost model picks, may fall back to 0) or a built width.")
+@click.option("--json-schema", "json_schema", metavar="SCHEMA|@FILE",
+              help="Constrain the output to JSON valid under this JSON schema (inline JSON, or @file).")
+@click.option("--regex", help="Constrain the output to match this regular expression (the whole output).")
+@click.option("--grammar", metavar="LARK|@FILE",
+              help="Constrain the output to this Lark grammar (llguidance syntax, a `start` rule; inline, or @file).")
+@click.option("--choice", "choices", multiple=True, help="Constrain the output to one of these strings (repeatable).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (exactly the target's output).")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -247,13 +256,15 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print text, finish reason and all metrics as JSON.")
 def generate_command(bundle: Path, prompt: str | None, chat_message: str | None, max_new_tokens: int, stream: bool,
-                     draft: str, width: str, temperature: float, top_k: int, top_p: float, seed: int | None,
+                     draft: str, width: str, json_schema: str | None, regex: str | None, grammar: str | None,
+                     choices: tuple[str, ...], temperature: float, top_k: int, top_p: float, seed: int | None,
                      accept: str, stop: tuple[str, ...], threads: int, backend: str, as_json: bool) -> None:
     """Generate text from BUNDLE with speculative decoding.
 
     \b
     spectrt generate engines/qwen-coder "def fibonacci(n):" --max-new-tokens 128 --stream
     spectrt generate engines/qwen-coder --chat "Write a haiku about caches" --temperature 0.7 --seed 1
+    spectrt generate engines/qwen-coder --chat "Extract name and age: Ann, 31" --json-schema @person.schema.json
     """
     from spectrt.errors import GenerationError
     from spectrt.runtime.generator import GenerateConfig, Generator
@@ -261,8 +272,11 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
     if (prompt is None) == (chat_message is None):
         raise GenerationError("pass a PROMPT or --chat MESSAGE (exactly one).")
     config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, accept=accept, stop=stop, draft=draft, width=width)
-    generator = Generator(bundle, backend=backend, threads=threads, load_draft=draft in ("auto", "model"))
+                            seed=seed, accept=accept, stop=stop, draft=draft, width=width,
+                            json_schema=_text_or_file(json_schema, "--json-schema"), regex=regex,
+                            grammar=_text_or_file(grammar, "--grammar"), choice=choices or None)
+    generator = Generator(bundle, backend=backend, threads=threads,
+                          load_draft=draft in ("auto", "model", "grammar+model"))
     messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
     texts, token_ids, final = [], [], None
     for chunk in generator.stream(prompt, messages=messages, config=config):
@@ -275,14 +289,30 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
     metrics = final.metrics.to_json()
     if as_json:
         click.echo(json.dumps({"text": "".join(texts), "token_ids": token_ids, "finish_reason": final.finish_reason,
-                               "draft": config.draft if config.draft != "auto" else
-                               ("model" if generator.draft is not None else "ngram"),
-                               "width": config.width, "metrics": metrics}, indent=2))
+                               "draft": generator.resolve_drafter(config.draft, config.constraint is not None),
+                               "width": config.width, "metrics": metrics,
+                               "constraint": final.constraint.to_json() if final.constraint else None}, indent=2))
         return
     if not stream:
         click.echo("".join(texts), nl=False)
     click.echo("")
     click.secho(format_metrics(metrics, final.finish_reason), fg="cyan", err=True)
+    if final.constraint is not None:
+        c = final.constraint
+        click.secho(f"[{c.kind} constraint] {c.forced_tokens} tokens forced by the grammar ({c.forced_accepted} "
+                    f"accepted), {c.masks} masks in {c.mask_seconds * 1e3:.1f} ms", fg="cyan", err=True)
+
+
+def _text_or_file(value: str | None, option: str) -> str | None:
+    """An option's inline text, or the contents of the file named after an @."""
+    if value is None or not value.startswith("@"):
+        return value
+    from spectrt.errors import GenerationError
+
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as exc:
+        raise GenerationError(f"{option}: cannot read {value[1:]}: {exc.strerror}.") from None
 
 
 def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:

@@ -3,6 +3,11 @@
 For every workload prompt and repeat, all configurations run back to back (plain first), so
 slow drifts of the machine hit them alike. Greedy decoding throughout: every configuration's
 tokens are also checked against the plain run's (exactness is measured, not assumed).
+
+A workload whose records carry a JSON `schema` (json_extraction) is constrained: every
+configuration, plain included, generates under that schema, the grammar-forced drafters
+(`grammar`, `grammar+model`, `grammar+ngram`) join the comparison, and each output is parsed and
+validated against its schema; summaries add the forced-token share and schema validity.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +27,7 @@ from spectrt import __version__
 from spectrt.errors import ConfigError
 from spectrt.runtime.scheduler import acceptance_from_mean_accepted, expected_speedup
 
-from .workloads import Prompt, load_workload
+from .workloads import WORKLOAD_DIR, Prompt, load_workload
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,21 @@ class RunSpec:
         return "plain" if self.draft == "none" else f"{self.draft}@{self.width}"
 
 
-def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: bool) -> list[RunSpec]:
+GRAMMAR_DRAFTS = ("grammar", "grammar+model", "grammar+ngram")
+
+
+def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: bool,
+              constrained: bool = False) -> list[RunSpec]:
+    """Plain first, then each drafter x width. Grammar-forced drafters run on constrained workloads only; there,
+    when --draft names none of them, all that the bundle supports are added."""
+    drafts = [d for d in config.drafts if constrained or d not in GRAMMAR_DRAFTS]
+    if constrained and not any(d in GRAMMAR_DRAFTS for d in drafts):
+        drafts += [d for d in GRAMMAR_DRAFTS if has_draft or d != "grammar+model"]
     specs = [RunSpec("none", 0)]
-    for draft in config.drafts:
-        if draft == "model" and not has_draft:
+    for draft in drafts:
+        if draft not in ("model", "ngram", *GRAMMAR_DRAFTS):
+            raise ConfigError(f"unknown drafter '{draft}'; choose model, ngram, grammar, grammar+model or grammar+ngram.")
+        if draft in ("model", "grammar+model") and not has_draft:
             raise ConfigError("this bundle has no draft model; use --draft ngram.")
         for width in config.widths:
             if width != "auto" and int(width) not in built_widths:
@@ -146,6 +163,20 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         "exact_match_with_plain": len(prompt_results) - len(mismatches),
         "mismatched_prompts": mismatches,
     }
+    constrained = [c for result in prompt_results.values() for c in result.get("constraint", [])]
+    if constrained:
+        generated = sum(m["generated_tokens"] for m in runs)
+        forced = sum(c["forced_tokens"] for c in constrained)
+        forced_accepted = sum(c["forced_accepted"] for c in constrained)
+        summary.update({
+            "forced_tokens": forced,
+            "forced_accepted": forced_accepted,
+            "forced_share": forced_accepted / generated if generated else None,  # output tokens the grammar drafted
+            "forced_acceptance": forced_accepted / forced if forced else None,
+            "mask_seconds": sum(c["mask_seconds"] for c in constrained),
+            "schema_valid_runs": sum(v for result in prompt_results.values() for v in result["valid"]),
+            "finish_reasons": dict(Counter(r for result in prompt_results.values() for r in result["finish_reasons"])),
+        })
     if spec.draft != "none":
         summary["predicted"] = predicted_speedup(runs, plain_runs, spec.width)
     return summary
@@ -172,27 +203,62 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def load_schemas(name_or_path: str) -> dict[str, Any]:
+    """prompt id -> JSON schema for the records of a workload that carry one (`schema`)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = WORKLOAD_DIR / f"{name_or_path}.jsonl"
+    schemas = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if "schema" in record:
+                schemas[str(record.get("id", f"{path.stem}-{number}"))] = record["schema"]
+    return schemas
+
+
+def schema_valid(text: str, schema: Any) -> bool:
+    """The output parses as JSON and validates against its schema."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
 def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every workload x configuration, return the full results dict (see report.write_report)."""
     from spectrt.runtime.generator import Generator
 
     generator = Generator(config.bundle, threads=config.threads)
-    specs = run_specs(config, generator.built_widths, generator.draft is not None)
+    run_specs(config, generator.built_widths, generator.draft is not None)  # refuse bad widths / drafters first
     workloads = {name: load_workload(name, config.prompts) for name in config.workloads}
-    say(f"bundle {config.bundle}: {len(specs)} configurations ({', '.join(s.label for s in specs)}), "
-        f"{sum(len(p) for p in workloads.values())} prompts, {config.repeats} repeats, {config.max_new_tokens} tokens")
+    schemas = {name: load_schemas(name) for name in config.workloads}
+    specs_of = {name: run_specs(config, generator.built_widths, generator.draft is not None, bool(schemas[name]))
+                for name in workloads}
+    say(f"bundle {config.bundle}: " + "; ".join(f"{name}: {len(specs)} configurations ({', '.join(s.label for s in specs)})"
+                                                 for name, specs in specs_of.items())
+        + f"; {sum(len(p) for p in workloads.values())} prompts, {config.repeats} repeats, {config.max_new_tokens} tokens")
     started = time.perf_counter()
     results: dict[str, Any] = {"workloads": {}}
     for workload, prompts in workloads.items():
+        specs = specs_of[workload]
+
+        def request(prompt: Prompt) -> dict[str, Any]:
+            schema = schemas[workload].get(prompt.id)
+            return prompt.request() | ({"json_schema": schema} if schema is not None else {})
+
         per_spec: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
         for _ in range(config.warmup):  # warm caches, sessions and the auto scheduler's cost model
             for spec in specs:
-                generator.generate(**prompts[0].request(), max_new_tokens=config.max_new_tokens,
+                generator.generate(**request(prompts[0]), max_new_tokens=config.max_new_tokens,
                                    draft=spec.draft, width=spec.width, reuse_prefix=config.reuse_prefix)
         for repeat in range(config.repeats):
             for prompt in prompts:
                 for spec in specs:
-                    result = generator.generate(**prompt.request(), max_new_tokens=config.max_new_tokens,
+                    result = generator.generate(**request(prompt), max_new_tokens=config.max_new_tokens,
                                                 draft=spec.draft, width=spec.width, reuse_prefix=config.reuse_prefix)
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
                                                                         "metrics": [], "gaps": [],
@@ -200,17 +266,26 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                     entry["repeats_identical"] &= result.token_ids == entry["token_ids"]
                     entry["metrics"].append(result.metrics.to_json())
                     entry["gaps"].extend(result.metrics.delivery_gaps)
+                    if result.constraint is not None:
+                        entry.setdefault("constraint", []).append(result.constraint.to_json())
+                        entry.setdefault("valid", []).append(schema_valid(result.text,
+                                                                          schemas[workload][prompt.id]))
+                        entry.setdefault("finish_reasons", []).append(result.finish_reason)
                 say(f"  {workload} {prompt.id} repeat {repeat + 1}: " + ", ".join(
                     f"{s.label} {per_spec[s.label][prompt.id]['metrics'][-1]['tokens_per_second'] or 0:.1f}"
                     for s in specs) + " tok/s")
         summaries = [summarize(s, per_spec[s.label], per_spec["plain"]) for s in specs]
         results["workloads"][workload] = {
             "summaries": summaries,
-            "per_prompt": {label: {pid: {"metrics": r["metrics"], "tokens": len(r["token_ids"])}
+            "per_prompt": {label: {pid: {"metrics": r["metrics"], "tokens": len(r["token_ids"]),
+                                         **({"constraint": r["constraint"], "valid": r["valid"],
+                                             "finish_reasons": r["finish_reasons"]} if "constraint" in r else {})}
                                    for pid, r in prompts_.items()} for label, prompts_ in per_spec.items()},
             "inter_chunk_gaps": {label: [gap for r in prompts_.values() for gap in r["gaps"]]
                           for label, prompts_ in per_spec.items()},
         }
+        if schemas[workload]:
+            results["workloads"][workload]["constrained"] = "json_schema"
     results["config"] = asdict(config)
     results["bundle"] = {"name": generator.manifest.name, "widths": list(generator.built_widths),
                          "target": generator.manifest.raw["models"]["target"]["source"]["name"],
@@ -224,8 +299,9 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["command"] = " ".join(sys.argv)
     del generator
-    if config.peer != "none":
-        results["peer"] = run_peer(config, workloads, results["bundle"], say)
+    unconstrained = {name: prompts for name, prompts in workloads.items() if not schemas[name]}
+    if config.peer != "none" and unconstrained:  # the peer generates without constraints: unconstrained only
+        results["peer"] = run_peer(config, unconstrained, results["bundle"], say)
     return results
 
 

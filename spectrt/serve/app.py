@@ -105,7 +105,8 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
                                 headers={"Retry-After": "1"})
         except SpectrtError as exc:
             return JSONResponse(error_body(str(exc), param=_guess_param(str(exc))), status_code=400)
-        drafter = generator.resolve_drafter(body.draft)  # auto -> model | ngram
+        constrained = any(options.get(key) for key in ("json_schema", "regex", "grammar", "choice"))
+        drafter = generator.resolve_drafter(body.draft, constrained)  # auto -> model | ngram | grammar+...
         pacing = body.pacing or config.pacing
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -171,7 +172,8 @@ def _median_tpot(generator: Generator) -> float | None:
 
 
 # words of a GenerationError message -> the request field it is about
-PARAM_HINTS = (("width", "width"), ("drafter", "draft"), ("draft model", "draft"), ("chat template", "messages"),
+PARAM_HINTS = (("json_schema", "response_format"), ("schema", "response_format"), ("regex", "regex"),
+               ("grammar", "grammar"), ("choice", "choice"), ("width", "width"), ("drafter", "draft"), ("draft model", "draft"), ("chat template", "messages"),
                ("messages", "messages"), ("prompt", "prompt"), ("max_new_tokens", "max_tokens"),
                ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
                ("stop", "stop"), ("accept", "accept"))

@@ -2,7 +2,10 @@
 
 Requests are validated by pydantic: an unknown field, a wrong type or an unsupported value is a 400
 error naming the field. Fields map onto `GenerateConfig`; spectrt's own options (`draft`, `width`,
-`top_k`, `accept`, `pacing`) ride along as extra body fields (`extra_body=` in the openai client).
+`top_k`, `accept`, `pacing`, and the constraints `regex`, `grammar`, `choice`) ride along as extra
+body fields (`extra_body=` in the openai client). Structured output: OpenAI's `response_format`
+(`{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}` or `{"type": "json_object"}`)
+becomes the `json_schema` constraint.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
@@ -19,6 +22,28 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Union[dict[str, Any], bool] = Field(default=True, alias="schema")  # absent: any JSON value
+    strict: Optional[bool] = None  # spectrt always enforces the schema
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    def to_json_schema(self) -> Union[dict[str, Any], bool, None]:
+        """The JSON schema this format asks for (None: plain text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            return self.json_schema.schema_ if self.json_schema is not None else True
+        return None
 
 
 class SamplingFields(BaseModel):
@@ -41,11 +66,28 @@ class SamplingFields(BaseModel):
     user: Optional[str] = None
     # spectrt's own options
     top_k: int = Field(default=0, ge=0)
-    draft: Literal["auto", "model", "ngram", "none"] = "auto"
+    draft: Literal["auto", "model", "ngram", "none", "grammar", "grammar+model", "grammar+ngram"] = "auto"
     width: Union[Literal["auto"], int] = "auto"
     accept: Literal["coupled", "rejection"] = "coupled"
     reuse_prefix: bool = True  # keep cached KV rows of a prompt prefix an earlier request computed
     pacing: Optional[Literal["raw", "paced"]] = None  # default: the server's --pacing
+    # structured output (at most one): OpenAI's response_format, or spectrt's regex / grammar (Lark) / choice
+    response_format: Optional[ResponseFormat] = None
+    regex: Optional[str] = None
+    grammar: Optional[str] = Field(default=None, min_length=1)
+    choice: Optional[list[str]] = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "SamplingFields":
+        if self.response_format is not None and self.response_format.type == "json_schema" \
+                and self.response_format.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object with a schema")
+        given = [name for name in ("regex", "grammar", "choice") if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise ValueError(f"pass at most one constraint (got {', '.join(given)})")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -67,9 +109,12 @@ class SamplingFields(BaseModel):
 
     def generate_options(self, default_max_tokens: int) -> dict[str, Any]:
         """The `GenerateConfig` fields of this request."""
-        return {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": self.stops(),
-                "draft": self.draft, "width": self.width, "accept": self.accept, "reuse_prefix": self.reuse_prefix}
+        options = {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
+                   "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": self.stops(),
+                   "draft": self.draft, "width": self.width, "accept": self.accept, "reuse_prefix": self.reuse_prefix}
+        schema = self.response_format.to_json_schema() if self.response_format is not None else None
+        constraints = {"json_schema": schema, "regex": self.regex, "grammar": self.grammar, "choice": self.choice}
+        return options | {name: value for name, value in constraints.items() if value is not None}
 
 
 class CompletionRequest(SamplingFields):
