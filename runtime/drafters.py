@@ -137,7 +137,7 @@ class ModelDrafter:
 
     def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
         context = prompt_ids[:-1]  # the last prompt token is fed with the first proposal
-        kept = self.decoder.reuse(context, len(context)) if reuse_prefix else (self.decoder.reset() or 0)
+        kept = self.decoder.reuse(context, len(context) if reuse_prefix else 0)
         if len(context) > kept:
             self.decoder.step(np.asarray(context[kept:], dtype=np.int64))
             self.decoder.commit(len(context) - kept)

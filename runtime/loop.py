@@ -59,7 +59,7 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
             now: BusyClock, reuse_prefix: bool) -> Iterator[int]:
     # prefill: rows of a prompt prefix already in the cache (an earlier request's) are kept, the rest computed;
     # at least the last prompt token is fed again, since its logits choose the first token
-    kept = target.reuse(prompt_ids, len(prompt_ids) - 1) if reuse_prefix else (target.reset() or 0)
+    kept = target.reuse(prompt_ids, len(prompt_ids) - 1 if reuse_prefix else 0)
     first_logits = target.step(np.asarray(prompt_ids[kept:], dtype=np.int64))[-1]  # [V]
     target.commit(len(prompt_ids) - kept)
     metrics.reused_prompt_tokens = kept

@@ -91,6 +91,11 @@ class TokenPicker:
             accepted, token = accept_matching(proposal, lambda i: self.target_token(target_logits[i], position + i))
             self.random.forget_before(position + accepted + 1)
             return accepted, token
+        return self._rejection_sample(proposal, draft_probs, target_logits, position)
+
+    def _rejection_sample(self, proposal: np.ndarray, draft_probs: np.ndarray | None, target_logits: np.ndarray,
+                          position: int) -> tuple[int, int]:
+        """Rejection sampling over target_logits [k+1, V] with the draws of positions position..position+k."""
         target_probs = probs_from_logits(target_logits, self.params)  # [k+1, V]
         offsets = range(len(proposal) + 1)
         accept_draws = np.array([self.random.uniform(position + i, ACCEPT_DRAW) for i in offsets[:-1]])
@@ -124,10 +129,6 @@ class TokenPicker:
                 rows.extend(rows[-1:] * (len(proposal) - i))  # placeholders: after a rejection or the end
                 break
             walk.consume([int(proposal[i])])
-        target_probs = probs_from_logits(np.stack(rows), self.params)  # [k+1, V]
-        offsets = range(len(proposal) + 1)
-        accept_draws = np.array([self.random.uniform(position + i, ACCEPT_DRAW) for i in offsets[:-1]])
-        sample_draws = np.array([self.random.uniform(position + i, TARGET_DRAW) for i in offsets])
-        accepted, token = accept_sampled(proposal, draft_probs, target_probs, accept_draws, sample_draws)
+        accepted, token = self._rejection_sample(proposal, draft_probs, np.stack(rows), position)
         constraint.consume([*proposal[:accepted].tolist(), token])
         return accepted, token

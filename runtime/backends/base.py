@@ -72,7 +72,7 @@ class CacheBookkeeping:
 
     def reuse(self, token_ids: list[int], limit: int) -> int:
         """Keep the committed rows of the longest common prefix of the cache and `token_ids` (at most
-        `limit` rows), drop the rest; returns how many rows were kept."""
+        `limit` rows; 0 = start afresh), drop the rest; returns how many rows were kept."""
         kept = 0
         for cached, wanted in zip(self.cached_tokens[:limit], token_ids):
             if cached != wanted:
