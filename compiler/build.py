@@ -67,15 +67,21 @@ def check_archs(config: BuildConfig, sources: dict[str, Path]) -> dict[str, Mode
     return archs
 
 
-def tensor_specs(arch: ModelArch, precision: str, vocab: int) -> dict[str, list[dict[str, Any]]]:
+def tensor_specs(arch: ModelArch, precision: str, vocab: int, logits_rows: int | None = None) -> dict[str, list[dict[str, Any]]]:
     kv = [1, None, arch.num_kv_heads, arch.head_dim]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": [1, "seq_len"]}]
-    outputs = [{"name": "logits", "dtype": "fp32", "shape": [1, "seq_len", vocab]}]
+    outputs = [{"name": "logits", "dtype": "fp32", "shape": [1, "seq_len" if logits_rows is None else "logits_rows", vocab]}]
     for name in input_names(arch.num_layers)[1:]:
         inputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "past_len" for d in kv]})
     for name in output_names(arch.num_layers)[1:]:
         outputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "seq_len" for d in kv]})
     return {"inputs": inputs, "outputs": outputs}
+
+
+def logits_rows_for(role: str, config: BuildConfig) -> int:
+    """Positions per call whose logits the runtime reads: K+1 for a target's verification (a prefill needs only
+    its last one), the last one for a draft."""
+    return max(config.widths) + 1 if role == "target" else 1
 
 
 def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int, work_dir: Path,
@@ -90,12 +96,14 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         loaded = load_model(source, arch=arch, tokenizer=tokenizer)
     onnx_path = work_dir / f"{role}.onnx"
     quantize = config.quantize_for(role)
-    # The target computes quantized layers in fp32 (accuracy level 0): int8 activation quantization
-    # (level 4) is faster but turns the ~1e-6 differences between a 1-token and a K+1-token call
-    # into whole quantization steps, which breaks greedy exactness. The draft only proposes, so it
-    # takes the fast path.
-    spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize,
-                     accuracy_level=0 if role == "target" else 4)
+    # Quantized layers compute with int8 activations (MatMulNBits accuracy level 4): fast, and batch invariant,
+    # so a position gets bit-identical logits alone or inside a K+1-row verification (with the attention's
+    # padded query rows, GraphSpec.pad_attention_rows). fp32 compute (level 0) is not: onnxruntime's 1-row
+    # MatMulNBits path rounds differently (measured ~7e-5 logits on SmolLM2), so it is not offered.
+    level = 4
+    logits_rows = logits_rows_for(role, config)
+    spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize, accuracy_level=level,
+                     logits_rows=logits_rows)
     label = config.precision + (f", {quantize} weights" if spec.quantized else "")
     with progress.step(f"export {role} ONNX ({label}, {loaded.arch.num_layers} layers)"):
         export_onnx(loaded, spec, onnx_path)
@@ -104,7 +112,7 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         with progress.step(f"validate {role} against transformers"):
             report = validate_graph(onnx_path, loaded, precision=config.precision, max_context=config.max_context,
                                     vocab=vocab, widths=config.widths if role == "target" else (1,),
-                                    quantize=quantize)
+                                    quantize=quantize, logits_rows=logits_rows)
         progress.say(f"    {role}: {report.summary()}")
         require_passed(report, role)
         validation = report.to_json()
@@ -114,10 +122,11 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "precision": config.precision,
         "max_context": config.max_context,
         "logits_vocab": vocab,
+        "logits_rows": logits_rows,
         "widths": list(config.widths) if role == "target" else [],
-        "graph": tensor_specs(loaded.arch, config.precision, vocab),
+        "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows),
         "quantization": ({"scheme": quantize,
-                          "method": ("affine 4-bit blocks (float offset)" if quantize == "int4"
+                          "method": ("affine 4-bit blocks (integer zero point, fitted scale)" if quantize == "int4"
                                      else "symmetric 8-bit blocks") + ", onnxruntime MatMulNBits; lm_head "
                                     + ("fp32" if spec.accuracy_level == 0 else "int8"),
                           "block_size": spec.block_size, "accuracy_level": spec.accuracy_level}

@@ -5,9 +5,13 @@ Graph contract (batch is fixed to 1; S = new tokens this call, P = cached tokens
     inputs   input_ids           int64  [1, S]
              past_key_{i}        dtype  [1, P, kv_heads, head_dim]    (sequence-major)
              past_value_{i}      dtype  [1, P, kv_heads, head_dim]
-    outputs  logits              fp32   [1, S, vocab]                 (vocab = shared tokenizer size)
+    outputs  logits              fp32   [1, R, vocab]                 (the last R = min(S, logits_rows) positions;
+                                                                       vocab = shared tokenizer size)
              new_key_{i}         dtype  [1, S, kv_heads, head_dim]    (only the S new rows)
              new_value_{i}       dtype  [1, S, kv_heads, head_dim]
+
+A prefill needs only its last position's logits and a verification its K+1 rows, so the graph computes
+the output layer for the last `logits_rows` positions only (max width + 1 for a target, 1 for a draft).
 
 Token s sits at position P + s and attends to every cached token and to new tokens <= s, so one
 call verifies K+1 tokens. The graph returns only the new cache rows: the runtime writes them
@@ -115,30 +119,57 @@ class GraphBuilder:
         self.initializers.append(self.writer.tensor(name, array.astype(dtype or self.np_dtype, copy=False)))
         return name
 
-    def linear(self, x: str, name: str, weight_nk: np.ndarray, spec: "GraphSpec") -> str:
-        """x @ W^T for a PyTorch-layout weight [N, K]: MatMul, or MatMulNBits when quantizing."""
+    def linear(self, x: str, name: str, weight_nk: np.ndarray, spec: "GraphSpec",
+               quantized: "QuantizedWeight | None" = None) -> str:
+        """x @ W^T for a PyTorch-layout weight [N, K]: MatMul, or MatMulNBits when quantizing (`quantized`: weights
+        already stored by `quantized_weight`)."""
         if not spec.quantized:
             return self.op("MatMul", [x, self.weight(name, np.ascontiguousarray(weight_nk.T))])
+        n, k = weight_nk.shape
+        stored = quantized or self.quantized_weight(name, weight_nk, spec)
+        inputs = [x, stored.packed, stored.scales] + ([stored.zeros] if stored.zeros else [])  # scales: activation type
+        return self.op("MatMulNBits", inputs, prefix="matmul_nbits", domain="com.microsoft",
+                       K=k, N=n, bits=stored.bits, block_size=spec.block_size, accuracy_level=spec.accuracy_level)
+
+    def quantized_weight(self, name: str, weight_nk: np.ndarray, spec: "GraphSpec") -> "QuantizedWeight":
+        """Store W [N, K] in MatMulNBits' blockwise layout (int4 affine or int8 symmetric, per spec.quantize)."""
         bits = 8 if spec.quantize == "int8" else 4
         n, k = weight_nk.shape
         if k % spec.block_size:
             raise ValueError(f"{name}: input size {k} is not a multiple of the quantization block {spec.block_size}")
-        packed, scales, offsets = quantize_blockwise(weight_nk, bits, spec.block_size)
-        inputs = [x, self.weight(name + ".q", packed, np.uint8), self.weight(name + ".scales", scales)]  # scales: activation type
-        out = self.op("MatMulNBits", inputs, prefix="matmul_nbits", domain="com.microsoft",
-                      K=k, N=n, bits=bits, block_size=spec.block_size, accuracy_level=spec.accuracy_level)
-        if offsets is not None:  # + sum over blocks of (sum of the block's inputs) * offset
-            blocked = self.op("Reshape", [x, self.ints([-1, k // spec.block_size, spec.block_size])])  # [S, K/bs, bs]
-            block_sums = self.op("ReduceSum", [blocked, self.ints([-1])], keepdims=0)  # [S, K/bs]
-            offsets_kn = self.weight(name + ".offsets", np.ascontiguousarray(offsets.T))  # [K/bs, N]
-            out = self.op("Add", [out, self.op("MatMul", [block_sums, offsets_kn])])  # batch is 1: [S, N] broadcasts
-        return out
+        packed, scales, zeros = quantize_blockwise(weight_nk, bits, spec.block_size)
+        return QuantizedWeight(bits, self.weight(name + ".q", packed, np.uint8), self.weight(name + ".scales", scales),
+                               None if zeros is None else self.weight(name + ".zero_points", zeros, np.uint8), n, k)
+
+    def embedding_from_int8(self, table: "QuantizedWeight", ids: str, block_size: int) -> str:
+        """Rows of an int8 blockwise table (e.g. the quantized output layer's weights) for token ids [1, S] ->
+        [1, S, K] in the graph dtype: (q - 128) * scale, elementwise, so each row is exact whatever S is."""
+        assert table.bits == 8 and table.zeros is None
+        blocks = table.k // block_size
+        rows = self.op("Gather", [table.packed, ids], axis=0)  # [1, S, blocks, bs] uint8
+        scales = self.op("Reshape", [table.scales, self.ints([table.n, blocks, 1])])  # [V, blocks, 1]
+        row_scales = self.op("Gather", [scales, ids], axis=0)  # [1, S, blocks, 1]
+        centred = self.op("Sub", [self.op("Cast", [rows], to=self.onnx_dtype), self.scalar(128.0, self.np_dtype)])
+        values = self.op("Mul", [centred, row_scales])  # [1, S, blocks, bs]
+        return self.op("Reshape", [values, self.ints([1, -1, table.k])], prefix="embed")  # [1, S, K]
 
     def ints(self, values: list[int]) -> str:
         return self.const(np.array(values, dtype=np.int64), "shape")
 
     def scalar(self, value: float, dtype: type) -> str:
         return self.const(np.array(value, dtype=dtype), "scalar")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Initializer names of a weight [N, K] stored for MatMulNBits."""
+
+    bits: int
+    packed: str  # uint8 [N, K/bs, bs*bits/8]
+    scales: str  # [N * K/bs]
+    zeros: str | None  # int4 only: uint8 [N * ceil(K/bs / 2)] zero points, two per byte
+    n: int
+    k: int
 
 
 WeightFn = Callable[[str], np.ndarray]  # HF state-dict name -> fp32 numpy array
@@ -155,6 +186,8 @@ class GraphSpec:
     # is int8 at accuracy level 4 and stays fp32 at level 0 (onnxruntime's fp32-compute int8 kernel is very slow)
     block_size: int = 32  # quantization block along the input dimension
     accuracy_level: int = 0  # MatMulNBits compute: 0 = in the activation type, 4 = int8 activations (fast on CPU)
+    logits_rows: int | None = None  # logits for the last R positions of a call only (None: every position)
+    pad_attention_rows: bool = True  # attention always sees >= 2 query rows (see _attention): batch invariance
 
     @property
     def quantized(self) -> bool:
@@ -164,50 +197,78 @@ class GraphSpec:
 def quantize_blockwise(weight_nk: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Blockwise weight quantization in onnxruntime's MatMulNBits layout.
 
-    weight_nk [N, K] (out, in) -> packed uint8 [N, blocks, block_size * bits / 8], fp32 scales
-    [N * blocks] and per-block offsets [N, blocks] (int4) or None (int8).
-    int4 is affine with a float offset per block: w ~= (q - 8) * scale + offset, with
-    scale = (max - min) / 15 and offset = min + 8 * scale. GGUF's Q4_1 blocks are exactly such a
-    grid (min and max are levels 0 and 15), so their weights are reproduced to float rounding;
-    the offsets are applied by a small extra MatMul on per-block input sums. int8 is symmetric:
-    w ~= (q - 128) * scale.
+    weight_nk [N, K] (out, in) -> packed uint8 [N, blocks, block_size * bits / 8], fp32 scales [N * blocks]
+    and zero points (int4: uint8 [N * ceil(blocks / 2)], two per byte, low nibble first; int8: None).
+    int4 is affine with an integer zero point per block, w ~= (q - zero) * scale, q in 0..15: the form
+    MatMulNBits' int8-activation kernel runs at full speed (a float offset would need an extra fp32 MatMul
+    per layer, and float zero points fall back to a slow path). Per block, a few scales around
+    (max - min) / 15 are tried, each refined by least squares for its levels, and the one with the smallest
+    squared error is kept. A weight already on such a grid (both ends used) is reproduced to float rounding.
+    int8 is symmetric: w ~= (q - 128) * scale.
     """
     n, k = weight_nk.shape
     blocks = -(-k // block_size)
     padded = np.zeros((n, blocks * block_size), np.float32)
     padded[:, :k] = weight_nk
     grouped = padded.reshape(n, blocks, block_size)  # [N, blocks, bs]
-    levels = 2 ** bits - 1
-    middle = 2 ** (bits - 1)
-    offsets = None
-    if bits == 4:
-        low, high = grouped.min(axis=-1), grouped.max(axis=-1)  # [N, blocks]
-        scales = (high - low) / levels
+    if bits == 8:
+        scales = np.abs(grouped).max(axis=-1) / 127
         scales[scales == 0] = 1.0
-        q = np.clip(np.rint((grouped - low[..., None]) / scales[..., None]), 0, levels).astype(np.uint8)
-        offsets = (low + middle * scales).astype(np.float32)  # so that (q - 8) * scale + offset = low + q * scale
-        q = q[..., 0::2] | (q[..., 1::2] << 4)  # two values per byte, low nibble first
-    else:
-        scales = np.abs(grouped).max(axis=-1) / (middle - 1)
-        scales[scales == 0] = 1.0
-        q = np.clip(np.rint(grouped / scales[..., None]) + middle, 0, levels).astype(np.uint8)
-    return np.ascontiguousarray(q), scales.astype(np.float32).reshape(-1), offsets
+        q = np.clip(np.rint(grouped / scales[..., None]) + 128, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(q), scales.astype(np.float32).reshape(-1), None
+    q, scales, zeros = _fit_int4_blocks(grouped)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)  # two values per byte, low nibble first
+    if blocks % 2:  # zero points are packed per row, padded to whole bytes
+        zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+    packed_zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)  # [N, ceil(blocks / 2)]
+    return np.ascontiguousarray(packed), scales.reshape(-1), np.ascontiguousarray(packed_zeros.reshape(-1))
 
 
-def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int,
+def _fit_int4_blocks(grouped: np.ndarray, shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """grouped [N, B, bs] -> levels uint8 [N, B, bs], scales fp32 [N, B], zero points uint8 [N, B] minimising
+    the squared error of (q - zero) * scale over a few candidate scales (each refined by least squares)."""
+    # the grid (0 - zero) .. (15 - zero) always holds 0, so the range is widened to include it
+    low, high = np.minimum(grouped.min(axis=-1), 0), np.maximum(grouped.max(axis=-1), 0)  # [N, B]
+    span = np.maximum(high - low, np.float32(1e-30)) / 15
+    best_error = np.full(low.shape, np.inf, np.float32)
+    best_q = np.zeros(grouped.shape, np.uint8)
+    best_scale = np.ones(low.shape, np.float32)
+    best_zero = np.zeros(low.shape, np.uint8)
+    for factor in shrink:
+        scale = (span * factor).astype(np.float32)
+        zero = np.clip(np.rint(-low / scale), 0, 15)  # [N, B]
+        q = np.clip(np.rint(grouped / scale[..., None]) + zero[..., None], 0, 15)  # [N, B, bs]
+        centred = q - zero[..., None]
+        norm = (centred * centred).sum(axis=-1)
+        refined = np.where(norm > 0, (grouped * centred).sum(axis=-1) / np.maximum(norm, 1), scale)
+        refined = np.where(refined > 0, refined, scale).astype(np.float32)
+        error = ((centred * refined[..., None] - grouped) ** 2).sum(axis=-1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
+        best_scale = np.where(better, refined, best_scale)
+        best_zero = np.where(better, zero.astype(np.uint8), best_zero)
+    flat = best_error == 0  # constant blocks (e.g. all zero): any scale works; keep it finite and non-zero
+    best_scale[flat & (best_scale == 0)] = 1.0
+    return best_q, best_scale.astype(np.float32), best_zero
+
+
+def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int,
                          block_size: int, k: int) -> np.ndarray:
     """Inverse of quantize_blockwise -> [N, K] fp32 (used by tests)."""
     n, blocks = packed.shape[0], packed.shape[1]
     if bits == 4:
         q = np.empty((n, blocks, block_size), np.uint8)
         q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+        zero_bytes = zeros.reshape(n, -1)
+        unpacked = np.empty((n, zero_bytes.shape[1] * 2), np.uint8)
+        unpacked[:, 0::2], unpacked[:, 1::2] = zero_bytes & 0x0F, zero_bytes >> 4
+        zero = unpacked[:, :blocks].astype(np.float32)[..., None]  # [N, B, 1]
     else:
-        q = packed
-    values = (q.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(n, blocks, 1)
-    if offsets is not None:
-        values = values + offsets[..., None]
+        q, zero = packed, np.float32(128)
+    values = (q.astype(np.float32) - zero) * scales.reshape(n, blocks, 1)
     return values.reshape(n, blocks * block_size)[:, :k]
-
 
 
 def _rms_norm(gb: GraphBuilder, x: str, weight: str, eps: float) -> str:
@@ -219,6 +280,11 @@ def _rms_norm(gb: GraphBuilder, x: str, weight: str, eps: float) -> str:
     if gb.onnx_dtype != TensorProto.FLOAT:
         normed = gb.op("Cast", [normed], to=gb.onnx_dtype)
     return gb.op("Mul", [normed, weight], prefix="rmsnorm")
+
+
+def _last_row(gb: GraphBuilder, x: str, axis: int) -> str:
+    """x[..., -1:, ...] along `axis` (a Slice with constant bounds)."""
+    return gb.op("Slice", [x, gb.ints([-1]), gb.ints([2 ** 62]), gb.ints([axis])])
 
 
 def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
@@ -254,13 +320,20 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     q = gb.op("Reshape", [q, gb.ints([-1, kv_heads, arch.kv_groups, head_dim])])  # [S, kv, g, D]
     q = gb.op("Transpose", [q], perm=[1, 2, 0, 3])  # [kv, g, S, D]
     q = gb.op("Mul", [q, gb.scalar(head_dim ** -0.5, gb.np_dtype)])
-    scores = gb.op("MatMul", [q, keys_t])  # [kv, g, S, T]
+    if spec.pad_attention_rows:
+        # One extra query row (a copy of the last) so the batched MatMuls never see a single row: onnxruntime's
+        # CPU MatMul takes another kernel path for 1-row products (Q.K^T differs by ~1e-5), while every row of
+        # a >= 2-row product is computed the same way whatever the row count. The extra row is dropped below.
+        q = gb.op("Concat", [q, _last_row(gb, q, axis=2)], axis=2)  # [kv, g, S+1, D]
+    scores = gb.op("MatMul", [q, keys_t])  # [kv, g, S(+1), T]
     if gb.onnx_dtype != TensorProto.FLOAT:
         scores = gb.op("Cast", [scores], to=TensorProto.FLOAT)
     probs = gb.op("Softmax", [gb.op("Add", [scores, mask])], axis=-1)  # fp32
     if gb.onnx_dtype != TensorProto.FLOAT:
         probs = gb.op("Cast", [probs], to=gb.onnx_dtype)
-    context = gb.op("MatMul", [probs, values_t])  # [kv, g, S, D]
+    context = gb.op("MatMul", [probs, values_t])  # [kv, g, S(+1), D]
+    if spec.pad_attention_rows:
+        context = gb.op("Slice", [context, gb.ints([0]), gb.ints([-1]), gb.ints([2])])  # [kv, g, S, D]
     context = gb.op("Transpose", [context], perm=[2, 0, 1, 3])  # [S, kv, g, D]
     context = gb.op("Reshape", [context, gb.ints([1, -1, heads * head_dim])])  # [1, S, h*D]
     out = gb.linear(context, f"layers.{layer}.attn.o.weight", weights(f"{prefix}.o_proj.weight"), spec)  # [1, S, H]
@@ -305,23 +378,30 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         gb = GraphBuilder(writer, np_dtype, onnx_dtype)
         vocab = spec.logits_vocab
         embed = weights("model.embed_tokens.weight")[:vocab]  # [V, H]
-        embed_name = gb.weight("embed_tokens.weight", embed)
         lm_head_weight = embed if arch.tie_word_embeddings else weights("lm_head.weight")[:vocab]  # [V, H]
+        # A quantized graph computing with int8 activations also keeps its output layer in int8 (the most
+        # sensitive layer stays 8-bit in the int4 scheme) and reads token embeddings from int8 blocks too: from
+        # the output layer's own table when the model ties them, so the vocabulary is stored once.
         quantize_head = spec.quantized and spec.accuracy_level != 0
+        head_spec = replace(spec, quantize="int8")
+        lm_head_table = gb.quantized_weight("lm_head.weight", lm_head_weight, head_spec) if quantize_head else None
         if quantize_head:
-            lm_head_name = None  # quantized separately below (its own MatMulNBits weights)
-        elif arch.tie_word_embeddings:
-            lm_head_name = embed_name
+            embed_table = (lm_head_table if arch.tie_word_embeddings
+                           else gb.quantized_weight("embed_tokens.weight", embed, head_spec))
+            hidden = gb.embedding_from_int8(embed_table, "input_ids", spec.block_size)  # [1, S, H]
         else:
-            lm_head_name = gb.weight("lm_head.weight", lm_head_weight)
+            embed_name = gb.weight("embed_tokens.weight", embed)
+            hidden = gb.op("Gather", [embed_name, "input_ids"], axis=0, prefix="embed")  # [1, S, H]
+            lm_head_name = embed_name if arch.tie_word_embeddings else gb.weight("lm_head.weight", lm_head_weight)
 
         positions, mask = _positions_and_mask(gb)
+        if spec.pad_attention_rows:  # the mask row of the extra query row _attention adds
+            mask = gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # [S+1, T]
         cos_table = gb.weight("rope.cos", rope_cos[: spec.max_context])  # [max_ctx, D]
         sin_table = gb.weight("rope.sin", rope_sin[: spec.max_context])
         cos = gb.op("Unsqueeze", [gb.op("Gather", [cos_table, positions], axis=0), gb.ints([0, 2])])  # [1, S, 1, D]
         sin = gb.op("Unsqueeze", [gb.op("Gather", [sin_table, positions], axis=0), gb.ints([0, 2])])
 
-        hidden = gb.op("Gather", [embed_name, "input_ids"], axis=0, prefix="embed")  # [1, S, H]
         new_kv_outputs = []
         for layer in range(arch.num_layers):
             prefix = f"model.layers.{layer}"
@@ -340,9 +420,10 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         final_norm = gb.weight("final_norm.weight", weights("model.norm.weight"))
         hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
         hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
-        if quantize_head:  # the output layer is the most sensitive one: int8 even in the int4 scheme
-            head_spec = replace(spec, quantize="int8") if spec.quantize == "int4" else spec
-            logits = gb.linear(hidden_2d, "lm_head.weight", lm_head_weight, head_spec)  # [S, V]
+        if spec.logits_rows is not None:  # Slice clamps the start: min(S, R) rows
+            hidden_2d = gb.op("Slice", [hidden_2d, gb.ints([-spec.logits_rows]), gb.ints([2 ** 62]), gb.ints([0])])
+        if quantize_head:
+            logits = gb.linear(hidden_2d, "lm_head.weight", lm_head_weight, head_spec, quantized=lm_head_table)  # [R, V]
         else:
             logits = gb.op("Gemm", [hidden_2d, lm_head_name], transB=1)  # [S, V]
         if onnx_dtype != TensorProto.FLOAT:
@@ -354,7 +435,8 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
     kv_shape_past = [1, "past_len", arch.num_kv_heads, arch.head_dim]
     kv_shape_new = [1, "seq_len", arch.num_kv_heads, arch.head_dim]
     graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq_len"])]
-    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq_len", vocab])]
+    logits_dim = "seq_len" if spec.logits_rows is None else "logits_rows"
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, logits_dim, vocab])]
     for layer in range(arch.num_layers):
         for kind in ("key", "value"):
             graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", onnx_dtype, kv_shape_past))

@@ -120,7 +120,7 @@ def _make_decoder(manifest: Manifest, entry: ModelEntry, backend: str, threads: 
     return OrtDecoder(onnx_file, num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
                       head_dim=entry.head_dim, precision=entry.precision, max_context=entry.max_context,
                       vocab=entry.logits_vocab, options=OrtOptions(threads=threads, provider=provider),
-                      role=entry.role, io=(entry.inputs, entry.outputs))
+                      role=entry.role, io=(entry.inputs, entry.outputs), logits_rows=entry.logits_rows)
 
 
 class Generator:

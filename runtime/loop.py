@@ -63,7 +63,7 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
     first_logits = target.step(np.asarray(prompt_ids[kept:], dtype=np.int64))[-1]  # [V]
     target.commit(len(prompt_ids) - kept)
     metrics.reused_prompt_tokens = kept
-    drafter.start(prompt_ids, reuse_prefix)
+    draft_started = False  # the draft reads the prompt after the first token is out: it never delays it
     next_tokens = [picker.next_token(first_logits, len(prompt_ids))]
     tokens = [*prompt_ids, *next_tokens]  # committed sequence; its last token is not in the target cache yet
     metrics.prefill_seconds = now()
@@ -88,6 +88,12 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         if context_left < 0:
             state.finish_reason = "context"
             return
+        if not draft_started:
+            started_at = now()
+            drafter.start(prompt_ids, reuse_prefix)
+            metrics.draft_catchup_seconds += now() - started_at
+            metrics.draft_seconds += now() - started_at
+            draft_started = True
         t0 = now()
         k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model)
         t1 = now()

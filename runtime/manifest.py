@@ -60,6 +60,7 @@ class ModelEntry:
     tensorrt: dict[str, Any] | None
     raw: dict[str, Any]
     onnx_data: str | None = None  # the ONNX graph's external-data file (relative), if any
+    logits_rows: int | None = None  # the graph returns logits for the last min(S, logits_rows) positions (None: all)
 
     @property
     def tensorrt_path(self) -> str | None:
@@ -211,11 +212,12 @@ def _validate_schema(bundle_dir: Path, data: dict[str, Any]) -> None:
 # -- semantic checks (what the schema cannot say) ---------------------------------------------------
 
 
-def expected_graph_io(num_layers: int, kv_heads: int, head_dim: int, precision: str,
-                      vocab: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The graph I/O contract (engines/README.md) for these architecture numbers."""
+def expected_graph_io(num_layers: int, kv_heads: int, head_dim: int, precision: str, vocab: int,
+                      logits_rows: int | None = None) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph I/O contract (engines/README.md) for these architecture numbers; with `logits_rows` the
+    logits cover the last min(seq_len, logits_rows) positions only."""
     inputs = [TensorSpec("input_ids", "int64", (1, "seq_len"))]
-    outputs = [TensorSpec("logits", "fp32", (1, "seq_len", vocab))]
+    outputs = [TensorSpec("logits", "fp32", (1, "seq_len" if logits_rows is None else "logits_rows", vocab))]
     for i in range(num_layers):
         inputs += [TensorSpec(f"past_{kind}_{i}", precision, (1, "past_len", kv_heads, head_dim))
                    for kind in ("key", "value")]
@@ -267,6 +269,7 @@ def _model_entry(role: str, data: dict[str, Any]) -> ModelEntry:
         tensorrt=backends.get("tensorrt"),
         raw=data,
         onnx_data=onnx.get("data") if onnx is not None else None,
+        logits_rows=data.get("logits_rows"),
     )
 
 
@@ -277,7 +280,7 @@ def _check_model(entry: ModelEntry) -> None:
         raise BundleError(f"manifest field '{where}.role' says '{declared_role}' under models.{role}; the manifest "
                           f"is inconsistent: rebuild the bundle.")
     inputs, outputs = expected_graph_io(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.precision,
-                                        entry.logits_vocab)
+                                        entry.logits_vocab, entry.logits_rows)
     for kind, declared, expected in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
         problem = compare_io(kind, declared, expected)
         if problem:
@@ -289,6 +292,10 @@ def _check_model(entry: ModelEntry) -> None:
     if entry.widths and max(entry.widths) + 1 >= entry.max_context:
         raise BundleError(f"{role} max_context {entry.max_context} is too small for its width {max(entry.widths)} "
                           f"(verifying K tokens needs K+1 new rows plus a cached one); rebuild the bundle.")
+    if entry.widths and entry.logits_rows is not None and entry.logits_rows < max(entry.widths) + 1:
+        raise BundleError(f"{role} graph returns logits for {entry.logits_rows} positions per call but verifying width "
+                          f"{max(entry.widths)} needs {max(entry.widths) + 1} ('{where}.logits_rows'); the manifest is "
+                          f"inconsistent: rebuild the bundle.")
     trained = entry.raw["arch"].get("max_position_embeddings")
     if isinstance(trained, int) and entry.max_context > trained:
         raise BundleError(f"{role} max_context {entry.max_context} exceeds the model's max_position_embeddings "

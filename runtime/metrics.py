@@ -55,7 +55,7 @@ class RequestMetrics:
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # drafting, including draft_catchup_seconds
-    draft_catchup_seconds: float = 0.0  # the draft model catching up on tokens of plain rounds
+    draft_catchup_seconds: float = 0.0  # the draft reading the prompt (after the first token) and tokens of plain rounds
     verify_seconds: float = 0.0
     total_seconds: float = 0.0  # request start -> finish (after the queue, without consumer time)
     time_to_first_token: float | None = None

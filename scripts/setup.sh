@@ -8,4 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[build,onnxruntime,tensorrt-rtx,serve,dev]"
+# llamacpp (the benchmark's llama.cpp peer) compiles llama.cpp from source: several minutes on 2 cores, once
+# (pip caches the built wheel); a native CPU build, as llama.cpp users run it.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    .venv/bin/python -m pip install --quiet -e ".[build,onnxruntime,tensorrt-rtx,serve,dev,llamacpp]"

@@ -339,11 +339,16 @@ def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
 @click.option("--repeats", type=int, default=3, show_default=True, help="Measured runs per prompt and configuration.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Discarded runs per configuration first.")
 @click.option("--prompts", type=int, help="Use the first N prompts of each workload [default: all].")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default).")
-@click.option("--peer", type=click.Choice(["auto", "transformers", "none"]), default="auto", show_default=True,
-              help="Also time transformers generate, plain and with assistant_model, on the same pair.")
-@click.option("--peer-target", help="Model for the peer baseline [default: the bundle's source, if a known model].")
-@click.option("--peer-draft", help="Assistant model for the peer baseline.")
+@click.option("--threads", type=int, default=0,
+              help="ONNX Runtime threads, and the peers' (0 = their default; llama.cpp: every core).")
+@click.option("--peer", type=click.Choice(["auto", "transformers", "llamacpp", "all", "none"]), default="auto",
+              show_default=True,
+              help="Also time peers on the same models and prompt tokens: transformers generate (plain and "
+                   "assistant_model, code workload) and llama.cpp (llama-cpp-python: plain and prompt lookup, every "
+                   "workload). auto: the installed ones (one line for each skipped); all: both, or refuse.")
+@click.option("--peer-target", help="Model for the peers [default: the bundle's source, if a known model; llama.cpp "
+                                    "needs a .gguf].")
+@click.option("--peer-draft", help="Assistant / draft model for the peers [default: the bundle's draft source].")
 @click.option("--out", default=None, help="Output folder [default: bench/<bundle>-<time>].")
 @click.option("--reuse-prefix/--no-reuse-prefix", default=False, show_default=True,
               help="Let runs reuse the KV rows of the previous run's prompt (off: every run prefills cold, so TTFT "

@@ -22,6 +22,21 @@ def _recipe_path(small: bool) -> Path:
     raise FileNotFoundError(f"recipe {RECIPES[small]} not found; run from the spectrt checkout.")
 
 
+SETTINGS = ("widths", "max_context", "precision", "backend", "quantize", "draft_quantize")
+
+
+def _stale_reason(manifest: dict, config) -> str | None:
+    """Why an existing bundle is not what the recipe builds now (None: it is)."""
+    built = manifest.get("build", {})
+    wanted = config.to_json()
+    for key in SETTINGS:
+        if built.get(key) != wanted.get(key):
+            return f"{key} {built.get(key)!r}, recipe {wanted.get(key)!r}"
+    if "logits_rows" not in manifest["models"]["target"]:
+        return "graphs without batch-invariant attention and last-rows logits"
+    return None
+
+
 def run_demo(*, small: bool, max_new_tokens: int, prompt: str | None, say: Callable[[str], None],
              show: Callable[[str], None]) -> dict:
     from spectrt.compiler.build import build_bundle
@@ -35,8 +50,12 @@ def run_demo(*, small: bool, max_new_tokens: int, prompt: str | None, say: Calla
     bundle = config.out_dir(Path("engines"))
     say(f"[1/3] bundle {bundle} (recipe {recipe.name})")
     try:
-        read_manifest(bundle)
-        say("      already built; delete the folder to rebuild")
+        stale = _stale_reason(read_manifest(bundle).raw, config)
+        if stale is None:
+            say("      already built; delete the folder to rebuild")
+        else:
+            say(f"      built by an older recipe or spectrt ({stale}): rebuilding")
+            build_bundle(config, overwrite=True)
     except BundleError:
         say("      not built yet: fetching models and building (a few minutes for the Qwen pair)")
         build_bundle(config, overwrite=True)  # replaces only an invalid bundle; other folders are refused

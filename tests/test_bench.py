@@ -51,13 +51,17 @@ def test_benchmark_results_structure_and_plots(tiny_bundle, tiny_llama_pair, wor
     assert model2["acceptance_rate"] is not None and model2["predicted"]["speedup"] > 0
     assert 0 <= model2["predicted"]["per_token_acceptance"] <= 1
     assert data["machine"]["cpus"] >= 1 and data["bundle"]["widths"] == [1, 2, 3, 5]
-    peer = data["peer"]
+    peer = data["peers"]["transformers"]
     assert peer["tool"] == "transformers" and peer["plain_tokens_per_second"] > 0
     assert peer["assisted_exact_prompts"] == 2
     for key in ("speedup_plot", "latency_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
     table = paths["markdown"].read_text()
     assert "| model@2 |" in table and "peer: transformers" in table
+    costs = model2["costs"]  # the drafter's cost in target steps, measured for every drafter and width
+    assert costs["target_step_seconds"] > 0 and costs["draft_cost_vs_target_step"] > 0
+    assert summaries[1]["costs"]["verify_cost_vs_target_step"] > 0  # model@auto too
+    assert "draft / target step" in table and "| model@auto |" in table.split("draft / target step")[1]
 
 
 def test_bench_refuses_unbuilt_width_and_unknown_workload(tiny_bundle):

@@ -57,7 +57,7 @@ def test_qwen2_bias_and_padded_draft_vocab_are_explicit(tiny_qwen_pair, tmp_path
     assert models["target"]["arch"]["tie_word_embeddings"] is False
     size = result.manifest["tokenizer"]["size"]
     assert models["draft"]["logits_vocab"] == models["target"]["logits_vocab"] == size
-    assert models["draft"]["graph"]["outputs"][0]["shape"] == [1, "seq_len", size]
+    assert models["draft"]["graph"]["outputs"][0]["shape"] == [1, "logits_rows", size]
 
 
 @pytest.mark.parametrize("rope_scaling", [
@@ -112,7 +112,8 @@ def test_onnx_verify_chunk_matches_single_steps(tiny_llama_pair, tmp_path):
 
     def decoder():
         return OrtDecoder(result.bundle_dir / entry.onnx_path, num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
-                          head_dim=entry.head_dim, precision="fp32", max_context=64, vocab=entry.logits_vocab)
+                          head_dim=entry.head_dim, precision="fp32", max_context=64, vocab=entry.logits_vocab,
+                          logits_rows=entry.logits_rows)
 
     tokens = np.array([5, 17, 42, 8, 99, 150, 3, 77, 11], dtype=np.int64)
     chunked, single = decoder(), decoder()

@@ -301,6 +301,8 @@ def test_consistent_manifest_that_lies_about_the_graph_fails_at_load(bundle_copy
     (lambda m: m["tokenizer"].__setitem__("size", 301), "tokenizer produces 301 ids"),
     (lambda m: m["models"]["target"].__setitem__("role", "draft"), "says 'draft' under models.target"),
     (lambda m: m["models"]["target"].__setitem__("widths", [1, 127]), "too small for its width 127"),
+    (lambda m: m["models"]["target"].__setitem__("widths", [1, 9]), "logits for 6 positions per call but verifying "
+                                                                     "width 9 needs 10"),
     (lambda m: m["models"]["draft"].__setitem__("max_context", 64), "different max_context"),
     (lambda m: [e.__setitem__("max_context", 1024) for e in m["models"].values()], "max_position_embeddings"),
 ])

@@ -40,7 +40,7 @@ def _target_decoder(bundle):
     entry = manifest.target
     return OrtDecoder(bundle / entry.onnx_path, num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
                       head_dim=entry.head_dim, precision=entry.precision, max_context=entry.max_context,
-                      vocab=entry.logits_vocab)
+                      vocab=entry.logits_vocab, logits_rows=entry.logits_rows)
 
 
 def test_bundle_is_complete_and_validated(smollm2_bundle):

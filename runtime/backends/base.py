@@ -23,7 +23,7 @@ class Decoder(Protocol):
     @property
     def length(self) -> int: ...
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray:  # [S] int64 -> logits [S, V] fp32
+    def step(self, token_ids: np.ndarray) -> np.ndarray:  # [S] int64 -> logits [min(S, logits_rows), V] fp32
         ...
 
     def commit(self, count: int) -> None: ...
@@ -50,7 +50,8 @@ class CacheBookkeeping:
         return self.cache.length
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
-        """token_ids [S] at positions length.. -> logits [S, V]; their rows are written but not committed."""
+        """token_ids [S] at positions length.. -> logits [R, V] of the last R positions (R = min(S, the graph's
+        logits_rows): every position for old graphs, K+1 rows for a verification); rows written, not committed."""
         self._pending = np.asarray(token_ids).reshape(-1).tolist()
         return self._forward(token_ids)
 

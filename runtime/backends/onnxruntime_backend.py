@@ -102,7 +102,8 @@ class OrtDecoder(CacheBookkeeping):
 
     def __init__(self, onnx_path: Path, *, num_layers: int, kv_heads: int, head_dim: int, precision: str,
                  max_context: int, vocab: int, options: OrtOptions = OrtOptions(), role: str = "model",
-                 io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None):
+                 io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None,
+                 logits_rows: int | None = None):
         onnx_path = Path(onnx_path)
         ort = _import_ort()
         session_options = ort.SessionOptions()
@@ -116,17 +117,25 @@ class OrtDecoder(CacheBookkeeping):
         session_options.graph_optimization_level = levels[options.optimization]
         self.providers = _providers(ort, options.provider)
         self.session = _create_session(ort, onnx_path, session_options, self.providers, role)
-        inputs, outputs = io if io is not None else expected_graph_io(num_layers, kv_heads, head_dim, precision, vocab)
+        inputs, outputs = io if io is not None else expected_graph_io(num_layers, kv_heads, head_dim, precision, vocab,
+                                                                      logits_rows)
         check_graph_io(self.session, inputs, outputs, role=role, onnx_path=onnx_path)
+        rows_dim = next(o.shape[1] for o in self.session.get_outputs() if o.name == "logits")
+        if (rows_dim == "logits_rows") != (logits_rows is not None):
+            raise BundleError(f"the {role} ONNX graph {onnx_path.name} returns logits for "
+                              f"{'its last logits_rows positions' if rows_dim == 'logits_rows' else 'every position'}, "
+                              f"but the manifest says logits_rows={logits_rows}; rebuild the bundle.")
         self.num_layers = num_layers
         self.max_context = max_context
         self.vocab = vocab
         super().__init__(KVCache(num_layers, max_context, kv_heads, head_dim, precision))
-        self._logits = np.zeros((1, max_context, vocab), np.float32)  # [1, C, V] output buffer
+        self.logits_rows = logits_rows  # the graph returns logits for the last min(S, logits_rows) positions
+        self._logits = np.zeros((1, min(logits_rows or max_context, max_context), vocab), np.float32)  # [1, R, V]
         self._np_dtype = self.cache.dtype
 
     def _forward(self, token_ids: np.ndarray) -> np.ndarray:
-        """token_ids [S] -> logits [S, V] (a view into a reused buffer: copy it if you keep it)."""
+        """token_ids [S] -> logits [R, V] of the last R = min(S, logits_rows) positions (a view into a reused buffer:
+        copy it if you keep it)."""
         token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(1, -1)  # [1, S]
         count = token_ids.shape[1]
         if count == 0:
@@ -136,7 +145,7 @@ class OrtDecoder(CacheBookkeeping):
                                   f"max context {self.max_context} of this bundle (rebuild with a larger --max-context).")
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", token_ids)
-        logits = self._logits[:, :count]  # [1, S, V], contiguous
+        logits = self._logits[:, : min(count, self._logits.shape[1])]  # [1, R, V], contiguous
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         for layer in range(self.num_layers):
             past_key, past_value = self.cache.past(layer)

@@ -13,22 +13,40 @@ def peer_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
+def resolve_model_file(given: str | None, source_name: str | None) -> str | None:
+    """A model path: `given` (a path, else a known name, fetched), else the bundle's source file name when it is a
+    known model (`spectrt models list`), fetched into the cache; None when neither applies."""
+    from spectrt.compiler.fetch import KNOWN_MODELS, fetch_model
+
+    if given:
+        return str(Path(given)) if Path(given).exists() else str(fetch_model(given))
+    for name, source in KNOWN_MODELS.items():
+        if source.filename == source_name:
+            return str(fetch_model(name))
+    return None
+
+
 def resolve_peer_models(config: Any, bundle: dict[str, Any]) -> tuple[str, str] | None:
     """(target, draft) paths for transformers: from --peer-target/--peer-draft, else the bundle's sources
     when they are known model files (`spectrt models list`)."""
-    from spectrt.compiler.fetch import KNOWN_MODELS, fetch_model
-
-    def resolve(given: str | None, source_name: str | None) -> str | None:
-        if given:
-            return str(Path(given)) if Path(given).exists() else str(fetch_model(given))
-        for name, source in KNOWN_MODELS.items():
-            if source.filename == source_name:
-                return str(fetch_model(name))
-        return None
-
-    target = resolve(config.peer_target, bundle.get("target"))
-    draft = resolve(config.peer_draft, bundle.get("draft"))
+    target = resolve_model_file(config.peer_target, bundle.get("target"))
+    draft = resolve_model_file(config.peer_draft, bundle.get("draft"))
     return (target, draft) if target and draft else None
+
+
+def bundle_tokenizer(bundle_dir: str) -> tuple[Any, list[int]]:
+    """The bundle's tokenizer and eos ids: every peer encodes prompts exactly as spectrt does."""
+    from spectrt.runtime.manifest import read_manifest
+    from spectrt.runtime.text import BundleTokenizer
+
+    manifest = read_manifest(bundle_dir)
+    tokenizer = BundleTokenizer(manifest.file(manifest.tokenizer_file), manifest.generation)
+    return tokenizer, [int(i) for i in manifest.generation["eos_token_ids"]]
+
+
+def request_ids(tokenizer: Any, request: dict[str, Any]) -> list[int]:
+    """Prompt token ids of one workload request (raw prompt or chat messages), as the Generator encodes them."""
+    return tokenizer.encode(request["prompt"]) if "prompt" in request else tokenizer.encode_chat(request["messages"])
 
 
 def _load(path: str):
@@ -50,19 +68,14 @@ def run_transformers_peer(target_path: str, draft_path: str, *, bundle_dir: str,
 
     import torch
 
-    from spectrt.runtime.manifest import read_manifest
-    from spectrt.runtime.text import BundleTokenizer
-
     if threads:
         torch.set_num_threads(threads)
-    manifest = read_manifest(bundle_dir)
-    tokenizer = BundleTokenizer(manifest.file(manifest.tokenizer_file), manifest.generation)
-    eos = manifest.generation["eos_token_ids"]
+    tokenizer, eos = bundle_tokenizer(bundle_dir)
     target, draft = _load(target_path), _load(draft_path)
     workload = "code" if "code" in requests else next(iter(requests))
     per_prompt = []
     for request in requests[workload]:
-        ids = tokenizer.encode(request["prompt"]) if "prompt" in request else tokenizer.encode_chat(request["messages"])
+        ids = request_ids(tokenizer, request)
         input_ids = torch.tensor([ids])
         row: dict[str, Any] = {"id": request["id"]}
         for label, extra in (("plain", {}), ("assisted", {"assistant_model": draft})):

@@ -1,4 +1,7 @@
-"""Write benchmark results: full JSON, a markdown table and PNG plots."""
+"""Write benchmark results: full JSON, markdown tables and PNG plots.
+
+Peers (results["peers"]): transformers and llama.cpp, each with its own section; with llama.cpp, the spectrt
+tables gain "vs llama.cpp plain" columns and the speed-up plot a line per llama.cpp mode."""
 
 from __future__ import annotations
 
@@ -13,6 +16,11 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
+
+
+LLAMACPP_COLUMNS = (" vs llama.cpp plain: the median per-prompt ratio of decode tok/s to llama.cpp plain decoding's on "
+                    "the same prompts (same token ids) and GGUF, above 1 = spectrt decodes faster; TTFT vs llama.cpp: "
+                    "the same ratio of TTFT, above 1 = spectrt's first token comes later.")
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -34,40 +42,105 @@ def markdown_table(results: dict[str, Any]) -> str:
         "predicted is the Leviathan et al. formula from the measured acceptance and per-call costs. "
         "TPOT is the time per output token after the first (median over runs); a gap is the time between two "
         "deliveries a streaming client sees (the tokens of one round arrive together), p50/p95 over all gaps. "
-        "Exact = prompts whose tokens equal plain decoding's.",
+        "Exact = prompts whose tokens equal plain decoding's."
+        + (LLAMACPP_COLUMNS if "llamacpp" in peers_of(results) else ""),
         "",
     ]
     for workload, data in results["workloads"].items():
-        lines += [f"## {workload}", "",
-                  "| config | tok/s | speed-up | predicted | acceptance | accepted/round | tokens/round | TTFT s "
-                  "| TPOT ms | gap p50 ms | gap p95 ms | plain rounds | no-draft rounds | exact |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s in data["summaries"]:
-            predicted = (s.get("predicted") or {}).get("speedup")
-            lines.append(
-                f"| {s['config']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['speedup_vs_plain'])}x | "
-                f"{_fmt(predicted)}{'x' if predicted else ''} | {_fmt(s['acceptance_rate'], '.0%')} | "
-                f"{_fmt(s['mean_accepted_length'])} | {_fmt(s['tokens_per_round'])} | {_fmt(s['time_to_first_token'], '.3f')} | "
-                f"{_fmt(_ms(s['time_per_output_token']), '.1f')} | {_fmt(_ms(s['inter_chunk_gap_p50']), '.1f')} | "
-                f"{_fmt(_ms(s['inter_chunk_gap_p95']), '.1f')} | {s['fallback_rounds']}/{s['rounds']} | "
-                f"{s['draft_misses']}/{s['rounds']} | {s['exact_match_with_plain']}/{s['prompts']} |")
-        lines.append("")
-    peer = results.get("peer")
-    if peer:
-        lines += [f"## peer: {peer['tool']} {peer['version']} ({peer['workload']} workload, {peer['precision']})", "",
-                  f"{peer['metric']}: plain {_fmt(peer['plain_tokens_per_second'])} tok/s, `assistant_model` "
-                  f"{_fmt(peer['assisted_tokens_per_second'])} tok/s ({_fmt(peer['assisted_speedup'])}x); assisted output "
-                  f"equal to its plain output on {peer['assisted_exact_prompts']}/{len(peer['per_prompt'])} prompts.", ""]
-        code = results["workloads"].get(peer["workload"])
-        if code:
-            best = max((s for s in code["summaries"] if s["draft"] != "none"),
-                       key=lambda s: s["end_to_end_tokens_per_second"] or 0, default=None)
-            if best:
-                lines.append(f"spectrt on the same workload, end-to-end: plain "
-                             f"{_fmt(code['summaries'][0]['end_to_end_tokens_per_second'])} tok/s, best speculative "
-                             f"({best['config']}) {_fmt(best['end_to_end_tokens_per_second'])} tok/s.")
-                lines.append("")
+        lines += [f"## {workload}", ""] + _config_table(data["summaries"]) + [""] + _cost_table(data["summaries"])
+    lines += _transformers_section(results) + _llamacpp_section(results)
     return "\n".join(lines)
+
+
+def peers_of(results: dict[str, Any]) -> dict[str, Any]:
+    """peer name -> results; results.json files written before results["peers"] kept transformers in "peer"."""
+    return results.get("peers") or ({"transformers": results["peer"]} if results.get("peer") else {})
+
+
+def _config_table(summaries: list[dict[str, Any]]) -> list[str]:
+    vs_llamacpp = any("decode_vs_llamacpp_plain" in s for s in summaries)
+    header = ("| config | tok/s | speed-up | predicted | acceptance | accepted/round | tokens/round | TTFT s "
+              "| TPOT ms | gap p50 ms | gap p95 ms | plain rounds | no-draft rounds | exact |")
+    lines = [header + (" vs llama.cpp plain | TTFT vs llama.cpp |" if vs_llamacpp else ""),
+             "|---" * (14 + 2 * vs_llamacpp) + "|"]
+    for s in summaries:
+        predicted = (s.get("predicted") or {}).get("speedup")
+        row = (f"| {s['config']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['speedup_vs_plain'])}x | "
+               f"{_fmt(predicted)}{'x' if predicted else ''} | {_fmt(s['acceptance_rate'], '.0%')} | "
+               f"{_fmt(s['mean_accepted_length'])} | {_fmt(s['tokens_per_round'])} | {_fmt(s['time_to_first_token'], '.3f')} | "
+               f"{_fmt(_ms(s['time_per_output_token']), '.1f')} | {_fmt(_ms(s['inter_chunk_gap_p50']), '.1f')} | "
+               f"{_fmt(_ms(s['inter_chunk_gap_p95']), '.1f')} | {s['fallback_rounds']}/{s['rounds']} | "
+               f"{s['draft_misses']}/{s['rounds']} | {s['exact_match_with_plain']}/{s['prompts']} |")
+        if vs_llamacpp:
+            row += f" {_x(s.get('decode_vs_llamacpp_plain'))} | {_x(s.get('ttft_vs_llamacpp_plain'))} |"
+        lines.append(row)
+    return lines
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _cost_table(summaries: list[dict[str, Any]]) -> list[str]:
+    """Each drafter's cost per drafted token, and each verification call's, in target steps (the plain run's
+    time per token)."""
+    costs = [(s["config"], s["costs"]) for s in summaries if s.get("costs")]
+    if not costs:
+        return []
+    step = costs[0][1]["target_step_seconds"]
+    lines = [f"Cost in target steps (one step = the plain run's target call per token, {_fmt(_ms(step), '.1f')} ms): "
+             "draft = draft seconds / drafted tokens, verify = verify seconds / rounds.", "",
+             "| config | draft ms/token | draft / target step | verify ms/call | verify / target step |",
+             "|---|---|---|---|---|"]
+    for label, c in costs:
+        lines.append(f"| {label} | {_fmt(_ms(c['draft_seconds_per_token']), '.2f')} | "
+                     f"{_fmt(c['draft_cost_vs_target_step'], '.3f')} | {_fmt(_ms(c['verify_seconds_per_call']), '.1f')} | "
+                     f"{_fmt(c['verify_cost_vs_target_step'], '.2f')} |")
+    return lines + [""]
+
+
+def _transformers_section(results: dict[str, Any]) -> list[str]:
+    peer = peers_of(results).get("transformers")
+    if not peer:
+        return []
+    lines = [f"## peer: {peer['tool']} {peer['version']} ({peer['workload']} workload, {peer['precision']})", "",
+             f"{peer['metric']}: plain {_fmt(peer['plain_tokens_per_second'])} tok/s, `assistant_model` "
+             f"{_fmt(peer['assisted_tokens_per_second'])} tok/s ({_fmt(peer['assisted_speedup'])}x); assisted output "
+             f"equal to its plain output on {peer['assisted_exact_prompts']}/{len(peer['per_prompt'])} prompts.", ""]
+    code = results["workloads"].get(peer["workload"])
+    if code:
+        best = max((s for s in code["summaries"] if s["draft"] != "none"),
+                   key=lambda s: s["end_to_end_tokens_per_second"] or 0, default=None)
+        if best:
+            lines.append(f"spectrt on the same workload, end-to-end: plain "
+                         f"{_fmt(code['summaries'][0]['end_to_end_tokens_per_second'])} tok/s, best speculative "
+                         f"({best['config']}) {_fmt(best['end_to_end_tokens_per_second'])} tok/s.")
+            lines.append("")
+    return lines
+
+
+def _llamacpp_section(results: dict[str, Any]) -> list[str]:
+    peer = peers_of(results).get("llamacpp")
+    if not peer:
+        return []
+    modes = "; ".join(f"{mode} {', '.join(f'{k}={v}' for k, v in params.items())}".strip()
+                      for mode, params in peer["modes"].items())
+    lines = [f"## peer: llama.cpp (llama-cpp-python {peer['version']}), {peer['precision']}", "",
+             f"`{Path(peer['target']).name}`" + (f" + draft `{Path(peer['draft']).name}`" if peer.get("draft") else "")
+             + f", {peer['threads']} thread{'s' if peer['threads'] != 1 else ''}, n_ctx {peer['n_ctx']}, greedy; "
+             f"modes: {modes}. {peer['metric']}. "
+             "Exact = prompts whose tokens equal llama.cpp plain decoding's; spectrt plain = prompts whose tokens "
+             "equal spectrt plain decoding's (llama.cpp's quantized kernels need not give the same argmax).", "",
+             "| workload | mode | tok/s | TTFT s | speed-up vs llama.cpp plain | vs spectrt plain (tok/s) | exact "
+             "| same as spectrt plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for workload, data in peer["workloads"].items():
+        for s in data["summaries"]:
+            lines.append(f"| {workload} | {s['mode']} | {_fmt(s['tokens_per_second'])} | "
+                         f"{_fmt(s['time_to_first_token'], '.3f')} | {_x(s['speedup_vs_plain'])} | "
+                         f"{_x(s.get('decode_vs_spectrt_plain'))} | {s['exact_match_with_plain']}/{s['prompts']} | "
+                         f"{s.get('equals_spectrt_plain', '–')}/{s['prompts']} |")
+    return lines + [""]
 
 
 def _figure(results: dict[str, Any]):
@@ -101,10 +174,14 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
             if auto:
                 ax.axhline(auto[0]["speedup_vs_plain"], linestyle=":", color="grey" if draft == "ngram" else "black",
                            label=f"{draft} auto")
-        ax.axhline(1.0, color="red", linewidth=0.8, label="plain decoding")
+        ax.axhline(1.0, color="red", linewidth=0.8, label="spectrt plain decoding")
+        llamacpp = (peers_of(results).get("llamacpp") or {}).get("workloads", {}).get(workload, {})
+        for s, color in zip(llamacpp.get("summaries", []), ("tab:purple", "tab:brown", "tab:olive")):
+            if s.get("decode_vs_spectrt_plain"):
+                ax.axhline(s["decode_vs_spectrt_plain"], linestyle="--", color=color, label=f"llama.cpp {s['mode']}")
         ax.set_title(workload)
         ax.set_xlabel("speculation width K")
-        ax.set_ylabel("speed-up vs plain (tok/s ratio)")
+        ax.set_ylabel("decode tok/s relative to spectrt plain")
         ax.legend(fontsize=7)
     _save(plt, fig, path)
 

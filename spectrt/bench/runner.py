@@ -8,6 +8,11 @@ A workload whose records carry a JSON `schema` (json_extraction) is constrained:
 configuration, plain included, generates under that schema, the grammar-forced drafters
 (`grammar`, `grammar+model`, `grammar+ngram`) join the comparison, and each output is parsed and
 validated against its schema; summaries add the forced-token share and schema validity.
+
+Peers (--peer) then run on the unconstrained workloads, each in a process of its own, on the same models
+and prompt token ids: transformers (peer.py) and llama.cpp (llamacpp_peer.py); results["peers"][name].
+With llama.cpp, every configuration's summary gains its decode tok/s and TTFT relative to llama.cpp
+plain decoding (median per-prompt ratios).
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spectrt import __version__
-from spectrt.errors import ConfigError
+from spectrt.errors import ConfigError, FetchError
 from spectrt.runtime.scheduler import acceptance_from_mean_accepted, expected_speedup
 
 from .workloads import WORKLOAD_DIR, Prompt, load_workload
+
+
+PEERS = ("transformers", "llamacpp")  # transformers generate (+ assistant_model); llama.cpp (+ prompt lookup)
+PEER_CHOICES = ("auto", *PEERS, "all", "none")
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,7 @@ class BenchConfig:
     prompts: int | None = None  # first N prompts of each workload (None = all)
     threads: int = 0
     out: str = "bench/run"
-    peer: str = "auto"  # auto | transformers | none: transformers generate, plain and assisted
+    peer: str = "auto"  # auto | transformers | llamacpp | all | none (see PEERS); auto = every installed peer
     peer_target: str | None = None  # model path / known name for the peer (default: the bundle's sources)
     peer_draft: str | None = None
     reuse_prefix: bool = False  # off: every run prefills its whole prompt, so TTFT compares like with like
@@ -52,8 +61,13 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1 and warmup >= 0.")
-        if self.peer not in ("auto", "transformers", "none"):
-            raise ConfigError("peer must be auto, transformers or none.")
+        if self.peer not in PEER_CHOICES:
+            raise ConfigError(f"peer must be one of {', '.join(PEER_CHOICES)}.")
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The peers this run asks for: auto and all name every peer (auto skips those not installed)."""
+        return PEERS if self.peer in ("auto", "all") else () if self.peer == "none" else (self.peer,)
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,26 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         })
     if spec.draft != "none":
         summary["predicted"] = predicted_speedup(runs, plain_runs, spec.width)
+        summary["costs"] = drafter_costs(runs, plain_runs)
     return summary
+
+
+def drafter_costs(runs: list[dict], plain_runs: list[dict]) -> dict[str, Any] | None:
+    """What one drafted token and one verification call cost, in target steps. The unit is the plain run's
+    per-token time: its verify seconds / rounds (one single-token target call per round). Measured for every
+    width (auto included) and drafter, unlike `predicted`; draft seconds include a draft model's catch-up."""
+    plain_rounds = sum(r["rounds"] for r in plain_runs)
+    if not plain_rounds:
+        return None
+    step = sum(r["verify_seconds"] for r in plain_runs) / plain_rounds
+    drafted = sum(r["drafted_tokens"] for r in runs)
+    rounds = sum(r["rounds"] for r in runs)
+    draft_cost = sum(r["draft_seconds"] for r in runs) / drafted if drafted else None
+    verify_cost = sum(r["verify_seconds"] for r in runs) / rounds if rounds else None
+    return {"target_step_seconds": step, "draft_seconds_per_token": draft_cost,
+            "draft_cost_vs_target_step": draft_cost / step if draft_cost is not None and step else None,
+            "verify_seconds_per_call": verify_cost,
+            "verify_cost_vs_target_step": verify_cost / step if verify_cost is not None and step else None}
 
 
 def machine_info() -> dict[str, Any]:
@@ -232,6 +265,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     """Run every workload x configuration, return the full results dict (see report.write_report)."""
     from spectrt.runtime.generator import Generator
 
+    check_peers_installed(config)  # an explicitly asked-for peer that cannot run is refused before any work
     generator = Generator(config.bundle, threads=config.threads)
     run_specs(config, generator.built_widths, generator.draft is not None)  # refuse bad widths / drafters first
     workloads = {name: load_workload(name, config.prompts) for name in config.workloads}
@@ -243,6 +277,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
         + f"; {sum(len(p) for p in workloads.values())} prompts, {config.repeats} repeats, {config.max_new_tokens} tokens")
     started = time.perf_counter()
     results: dict[str, Any] = {"workloads": {}}
+    plain_ids: dict[str, dict[str, list[int]]] = {}  # workload -> prompt id -> spectrt plain tokens
     for workload, prompts in workloads.items():
         specs = specs_of[workload]
 
@@ -275,6 +310,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                     f"{s.label} {per_spec[s.label][prompt.id]['metrics'][-1]['tokens_per_second'] or 0:.1f}"
                     for s in specs) + " tok/s")
         summaries = [summarize(s, per_spec[s.label], per_spec["plain"]) for s in specs]
+        plain_ids[workload] = {pid: r["token_ids"] for pid, r in per_spec["plain"].items()}
         results["workloads"][workload] = {
             "summaries": summaries,
             "per_prompt": {label: {pid: {"metrics": r["metrics"], "tokens": len(r["token_ids"]),
@@ -300,31 +336,126 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     results["command"] = " ".join(sys.argv)
     del generator
     unconstrained = {name: prompts for name, prompts in workloads.items() if not schemas[name]}
-    if config.peer != "none" and unconstrained:  # the peer generates without constraints: unconstrained only
-        results["peer"] = run_peer(config, unconstrained, results["bundle"], say)
+    peers = run_peers(config, unconstrained, results["bundle"], say) if unconstrained else {}
+    if peers:  # the peers generate without constraints: unconstrained workloads only
+        results["peers"] = peers
+        add_llamacpp_ratios(results, plain_ids)
     return results
 
 
-def run_peer(config: BenchConfig, workloads: dict[str, list[Prompt]], bundle: dict[str, Any],
-             say: Callable[[str], None]) -> dict[str, Any] | None:
-    """transformers `generate`, plain and with `assistant_model`, in a fresh process (its own memory)."""
+def check_peers_installed(config: BenchConfig) -> None:
+    """--peer transformers/llamacpp/all need those peers installed; auto only runs what is there."""
+    from .llamacpp_peer import INSTALL_HINT, llamacpp_available
+    from .peer import peer_available
+
+    if config.peer in ("transformers", "all") and not peer_available():
+        raise ConfigError(f"--peer {config.peer} needs torch and transformers (pip install 'spectrt[build]'); "
+                          "or use --peer auto to run only the installed peers.")
+    if config.peer in ("llamacpp", "all") and not llamacpp_available():
+        raise ConfigError(f"--peer {config.peer} needs llama-cpp-python ({INSTALL_HINT}); "
+                          "or use --peer auto to run only the installed peers.")
+
+
+def run_peers(config: BenchConfig, workloads: dict[str, list[Prompt]], bundle: dict[str, Any],
+              say: Callable[[str], None]) -> dict[str, Any]:
+    """peer name -> its results, each peer in a fresh process (its own memory and threads); a peer that
+    cannot run is skipped with one line saying why."""
+    requests = {name: [p.request() | {"id": p.id} for p in prompts] for name, prompts in workloads.items()}
+    runners = {"transformers": run_transformers, "llamacpp": run_llamacpp}
+    peers = {}
+    for name in config.peers:
+        result = runners[name](config, requests, bundle, say)
+        if result is not None:
+            peers[name] = result
+    return peers
+
+
+def _in_own_process(function: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()
+
+
+def run_transformers(config: BenchConfig, requests: dict[str, list[dict]], bundle: dict[str, Any],
+                     say: Callable[[str], None]) -> dict[str, Any] | None:
+    """transformers `generate`, plain and with `assistant_model` (code workload only: it is slow)."""
     from .peer import peer_available, resolve_peer_models, run_transformers_peer
 
     if not peer_available():
-        if config.peer == "transformers":
-            raise ConfigError("--peer transformers needs torch and transformers (pip install spectrt[build]).")
-        say("peer baseline skipped: transformers is not installed")
+        say("transformers peer skipped: torch and transformers are not installed (pip install 'spectrt[build]')")
         return None
-    models = resolve_peer_models(config, bundle)
+    try:
+        models = resolve_peer_models(config, bundle)
+    except FetchError as exc:
+        say(f"transformers peer skipped: {exc}")
+        return None
     if models is None:
-        say("peer baseline skipped: pass --peer-target/--peer-draft (the bundle's source models are not known names)")
+        say("transformers peer skipped: the bundle's source models are not known names "
+            "(pass --peer-target/--peer-draft)")
         return None
-    say(f"peer baseline: transformers generate on {models[0]} (+ {models[1]} as assistant)")
-    requests = {name: [p.request() | {"id": p.id} for p in prompts] for name, prompts in workloads.items()}
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_transformers_peer, models[0], models[1], bundle_dir=config.bundle,
-                           requests=requests, max_new_tokens=config.max_new_tokens, repeats=config.repeats,
-                           threads=config.threads).result()
+    say(f"transformers peer: generate on {models[0]} (+ {models[1]} as assistant)")
+    return _in_own_process(run_transformers_peer, models[0], models[1], bundle_dir=config.bundle, requests=requests,
+                           max_new_tokens=config.max_new_tokens, repeats=config.repeats, threads=config.threads)
+
+
+def run_llamacpp(config: BenchConfig, requests: dict[str, list[dict]], bundle: dict[str, Any],
+                 say: Callable[[str], None]) -> dict[str, Any] | None:
+    """llama.cpp (llama-cpp-python) on the bundle's GGUF files: plain, prompt lookup, and a draft GGUF if known."""
+    from .llamacpp_peer import INSTALL_HINT, llamacpp_available, resolve_llamacpp_models, run_llamacpp_peer
+
+    if not llamacpp_available():
+        say(f"llama.cpp peer skipped: llama-cpp-python is not installed ({INSTALL_HINT})")
+        return None
+    try:
+        target, draft = resolve_llamacpp_models(config, bundle)
+    except FetchError as exc:  # after hours of spectrt runs, a bad --peer-target must not lose their results
+        say(f"llama.cpp peer skipped: {exc}")
+        return None
+    if target is None:
+        say(f"llama.cpp peer skipped: the bundle's target `{bundle.get('target')}` is not a known GGUF model "
+            "(pass --peer-target FILE.gguf)")
+        return None
+    say(f"llama.cpp peer: llama-cpp-python on {target}" + (f" (+ {draft} as draft model)" if draft else "")
+        + f", workloads {', '.join(requests)}")
+    result = _in_own_process(run_llamacpp_peer, target, draft, bundle_dir=config.bundle, requests=requests,
+                             max_new_tokens=config.max_new_tokens, repeats=config.repeats, threads=config.threads,
+                             warmup=config.warmup)
+    for workload, data in result["workloads"].items():
+        say(f"  llama.cpp {workload}: " + ", ".join(f"{s['mode']} {s['tokens_per_second'] or 0:.1f}"
+                                                   for s in data["summaries"]) + " tok/s")
+    return result
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
+
+
+def add_llamacpp_ratios(results: dict[str, Any], spectrt_plain_ids: dict[str, dict[str, list[int]]]) -> None:
+    """Each spectrt configuration's summary gains decode tok/s and TTFT relative to llama.cpp plain decoding:
+    the median over the workload's prompts of the per-prompt ratio (same prompts, same token ids). Each
+    llama.cpp mode's summary gains its decode tok/s relative to spectrt plain and how many of its outputs
+    equal spectrt plain decoding's (llama.cpp computes with its own quantized kernels: they need not be equal)."""
+    peer = results.get("peers", {}).get("llamacpp")
+    if not peer:
+        return
+    for workload, measured in peer["workloads"].items():
+        reference = {pid: modes["plain"] for pid, modes in measured["per_prompt"].items()}
+        data = results["workloads"][workload]
+        for summary in data["summaries"]:
+            prompts = {pid: r for pid, r in data["per_prompt"][summary["config"]].items() if pid in reference}
+            summary["decode_vs_llamacpp_plain"] = _median([
+                _ratio(_median([m["tokens_per_second"] for m in r["metrics"]]), reference[pid]["tokens_per_second"])
+                for pid, r in prompts.items()])
+            summary["ttft_vs_llamacpp_plain"] = _median([
+                _ratio(_median([m["time_to_first_token"] for m in r["metrics"]]), reference[pid]["time_to_first_token"])
+                for pid, r in prompts.items()])
+        spectrt_plain = {pid: _median([m["tokens_per_second"] for m in r["metrics"]])
+                         for pid, r in data["per_prompt"]["plain"].items()}
+        for summary in measured["summaries"]:
+            rows = {pid: modes[summary["mode"]] for pid, modes in measured["per_prompt"].items()}
+            summary["decode_vs_spectrt_plain"] = _median([_ratio(r["tokens_per_second"], spectrt_plain.get(pid))
+                                                          for pid, r in rows.items()])
+            summary["equals_spectrt_plain"] = sum(r["token_ids"] == spectrt_plain_ids[workload].get(pid)
+                                                  for pid, r in rows.items())
