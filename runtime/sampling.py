@@ -35,24 +35,59 @@ class SamplingParams:
 def probs_from_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """logits [N, V] -> probabilities [N, V] (float64) after temperature, top-k and top-p."""
     assert not params.greedy, "greedy decoding uses argmax, not probabilities"
-    scores = logits.astype(np.float64) / params.temperature  # [N, V]
+    scores = logits.astype(np.float64)  # [N, V], a fresh copy worked on in place
+    scores /= params.temperature
     vocab = scores.shape[-1]
+    dropped = None
     if 0 < params.top_k < vocab:
         kth = np.partition(scores, vocab - params.top_k, axis=-1)[:, vocab - params.top_k][:, None]  # [N, 1]
-        scores = np.where(scores < kth, -np.inf, scores)
+        dropped = scores < kth  # [N, V]; zeroed after exp, as exp(-inf) would (which is several times slower)
     scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
+    probs = np.exp(scores, out=scores)
+    if dropped is not None:
+        probs[dropped] = 0.0
     probs /= probs.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")  # [N, V]
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # keep a token if the mass before it is < top_p (so the first token is always kept)
-        keep_sorted = (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < params.top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        probs = np.where(keep, probs, 0.0)
+        for row in probs:  # zero what top-p drops, in place
+            kept = _nucleus(row, params.top_p)
+            values = row[kept]
+            row.fill(0.0)
+            row[kept] = values
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs
+
+
+_BUCKET_SHIFT = np.uint64(48)  # buckets of float64 bit patterns: 16 per power of two (sign, exponent, 4 mantissa bits)
+_BUCKET_SLACK = 1e-9  # a bucket sum (other order of additions) may be this far from the sorted running sum
+_NUCLEUS_MARGIN = 1e-12  # far above the rounding of one float64 addition to a sum below 2 (2**-53)
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the tokens top-p keeps in probs [V] (zero-probability ones may be left out: they stay zero
+    either way), exactly those a stable descending sort of the whole row keeps: the token at sorted position i
+    is kept when cumsum(sorted)[i] - sorted[i] < top_p, equal probabilities in order of index.
+
+    Without sorting V: the tokens with probability >= t, for any t > 0, are a prefix of that order (taken in
+    index order, then stably sorted), and their running sum is the prefix of the full one (np.cumsum adds in
+    order). Once it reaches top_p + margin, every later position j has cumsum[j] - p[j] >= cumsum[j-1] - 2**-53
+    >= top_p, so is dropped. t is the lower edge of the bucket where the mass of the largest buckets passes
+    top_p (a bit pattern order, which for p >= 0 is the value order); one pass over V finds it. Where the
+    running sum still falls short (top_p within rounding of 1) the whole row is sorted, as is a row of NaN."""
+    keys = (probs.view(np.uint64) >> _BUCKET_SHIFT).view(np.int64)  # [V], < 2**16
+    mass_from_top = np.cumsum(np.bincount(keys, weights=probs)[::-1])  # mass of the i+1 largest buckets
+    reached = np.flatnonzero(mass_from_top >= top_p + _BUCKET_SLACK)
+    if len(reached):
+        key = len(mass_from_top) - 1 - int(reached[0])
+        t = float(np.array(key << int(_BUCKET_SHIFT), np.int64).view(np.float64))
+        candidates = np.flatnonzero(probs >= t) if t > 0 else np.flatnonzero(probs)  # ascending index
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        sorted_probs = probs[order]
+        mass = np.cumsum(sorted_probs)
+        if t == 0 or mass[-1] - top_p >= _NUCLEUS_MARGIN:
+            return order[(mass - sorted_probs) < top_p]
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    return order[(np.cumsum(sorted_probs) - sorted_probs) < top_p]
 
 
 def sample(probs: np.ndarray, uniform: float) -> int:

@@ -133,8 +133,14 @@ def test_top_p_end_to_end_keeps_every_token_in_the_nucleus(generator, accept):
         result = generator.generate(prompt_ids=PROMPT, max_new_tokens=12, seed=seed, temperature=1.0, top_p=top_p,
                                     draft="model", width=3, accept=accept)
         sequence = PROMPT + result.token_ids
-        generator.target.reset()
-        logits = generator.target.step(np.array(sequence[:-1]))[len(PROMPT) - 1 :].copy()  # [12, V]
+        target = generator.target
+        target.reset()
+        rows = [target.step(np.array(PROMPT))[-1].copy()]  # the graph returns a prefill's last rows only
+        target.commit(len(PROMPT))
+        for token in result.token_ids[:-1]:
+            rows.append(target.step(np.array([token]))[-1].copy())
+            target.commit(1)
+        logits = np.stack(rows)  # [12, V]
         nucleus = probs_from_logits(logits, params) > 0  # [12, V]
         assert all(nucleus[i, token] for i, token in enumerate(result.token_ids)), seed
         assert nucleus.sum(axis=1).max() < logits.shape[1] // 2  # top-p really cut the vocabulary
