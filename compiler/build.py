@@ -84,8 +84,17 @@ def logits_rows_for(role: str, config: BuildConfig) -> int:
     return max(config.widths) + 1 if role == "target" else 1
 
 
+def draft_output_ids(config: BuildConfig, vocab: int, special_ids: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Token ids the draft's output layer covers: the `draft_vocab` lowest ids (byte-level BPE vocabularies are
+    in merge order, roughly by frequency) plus every added/special token (end of turn, end of text); None = all."""
+    if not config.draft_vocab or config.draft_vocab >= vocab:
+        return None
+    return tuple(sorted(set(range(config.draft_vocab)) | {i for i in special_ids if i < vocab}))
+
+
 def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int, work_dir: Path,
-                        progress: Progress, *, arch: ModelArch, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+                        progress: Progress, *, arch: ModelArch, tokenizer: Any,
+                        output_ids: tuple[int, ...] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load one model, write <role>.onnx(+.data), validate it.
 
     Returns its manifest entry (without TensorRT) and its generation settings (eos ids, chat template)."""
@@ -103,7 +112,7 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     level = 4
     logits_rows = logits_rows_for(role, config)
     spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize, accuracy_level=level,
-                     logits_rows=logits_rows)
+                     logits_rows=logits_rows, output_ids=output_ids)
     label = config.precision + (f", {quantize} weights" if spec.quantized else "")
     with progress.step(f"export {role} ONNX ({label}, {loaded.arch.num_layers} layers)"):
         export_onnx(loaded, spec, onnx_path)
@@ -112,7 +121,7 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         with progress.step(f"validate {role} against transformers"):
             report = validate_graph(onnx_path, loaded, precision=config.precision, max_context=config.max_context,
                                     vocab=vocab, widths=config.widths if role == "target" else (1,),
-                                    quantize=quantize, logits_rows=logits_rows)
+                                    quantize=quantize, logits_rows=logits_rows, output_ids=output_ids)
         progress.say(f"    {role}: {report.summary()}")
         require_passed(report, role)
         validation = report.to_json()
@@ -123,6 +132,11 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "max_context": config.max_context,
         "logits_vocab": vocab,
         "logits_rows": logits_rows,
+        "output_vocab": (None if output_ids is None else
+                         {"size": len(output_ids), "lowest_ids": config.draft_vocab,
+                          "special_ids": [i for i in output_ids if i >= config.draft_vocab],
+                          "rule": "the lowest token ids (BPE merge order) plus added/special tokens; logits of the "
+                                  "other ids are -inf"}),
         "widths": list(config.widths) if role == "target" else [],
         "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows),
         "quantization": ({"scheme": quantize,
@@ -241,8 +255,10 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
     try:
         entries, generation = {}, {}
         for role in ROLES:
-            entries[role], generation[role] = export_and_validate(role, sources[role], config, vocab, work_dir, progress,
-                                                                  arch=archs[role], tokenizer=tokenizers[role])
+            entries[role], generation[role] = export_and_validate(
+                role, sources[role], config, vocab, work_dir, progress, arch=archs[role], tokenizer=tokenizers[role],
+                output_ids=draft_output_ids(config, vocab, tuple(t[0] for t in facts.added_tokens))
+                if role == "draft" else None)
         if config.wants_tensorrt:
             for role in ROLES:
                 entries[role]["backends"]["tensorrt"] = compile_tensorrt(role, entries[role], config, work_dir, progress)

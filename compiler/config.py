@@ -35,6 +35,8 @@ class BuildConfig:
     prefill_opt: int = 128  # TensorRT prefill profile's optimal length
     quantize: str = "none"  # none | int8 | int4: weight-only quantized ONNX for the ONNX Runtime CPU path
     draft_quantize: str | None = None  # the draft's scheme if different (None = same as quantize)
+    draft_vocab: int = 0  # 0 = all; N: the draft's output layer covers the N lowest token ids (BPE merge order,
+    # roughly frequency) plus the added/special tokens; the draft never proposes others, the target verifies all
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(sorted(set(int(w) for w in self.widths))))
@@ -65,6 +67,8 @@ class BuildConfig:
             raise ConfigError(f"--quantize/--draft-quantize make onnxruntime MatMulNBits graphs for the CPU path, which "
                               f"TensorRT cannot parse; use --backend onnx with it, or build TensorRT engines "
                               f"without --quantize (e.g. --precision fp16).")
+        if self.draft_vocab < 0:
+            raise ConfigError(f"draft_vocab must be >= 0 (got {self.draft_vocab}); 0 keeps the whole vocabulary.")
         if self.workspace_mb is not None and self.workspace_mb <= 0:
             raise ConfigError("workspace_mb must be positive.")
         if self.prefill_opt < 1:

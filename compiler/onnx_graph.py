@@ -187,6 +187,8 @@ class GraphSpec:
     block_size: int = 32  # quantization block along the input dimension
     accuracy_level: int = 0  # MatMulNBits compute: 0 = in the activation type, 4 = int8 activations (fast on CPU)
     logits_rows: int | None = None  # logits for the last R positions of a call only (None: every position)
+    output_ids: tuple[int, ...] | None = None  # the output layer covers only these token ids; the others get
+    # logits -inf (a draft that never proposes them). None: the whole vocabulary
     pad_attention_rows: bool = True  # attention always sees >= 2 query rows (see _attention): batch invariance
 
     @property
@@ -349,6 +351,18 @@ def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: st
     return gb.linear(activated, f"layers.{layer}.mlp.down.weight", weights(f"{prefix}.down_proj.weight"), spec)
 
 
+def _scatter_to_vocab(gb: GraphBuilder, logits: str, ids: np.ndarray, vocab: int) -> str:
+    """logits [R, Vo] over token ids `ids` -> [R, V] with -inf at every other id."""
+    rows_and_subset = gb.op("Shape", [logits])  # [R, Vo]
+    full_shape = gb.op("Concat", [gb.op("Slice", [rows_and_subset, gb.ints([0]), gb.ints([1])]), gb.ints([vocab])], axis=0)
+    filler = helper.make_tensor("minus_inf", TensorProto.FLOAT, [1], [-np.inf])
+    empty = gb.op("ConstantOfShape", [full_shape], value=filler)  # [R, V]
+    if gb.onnx_dtype != TensorProto.FLOAT:
+        logits = gb.op("Cast", [logits], to=TensorProto.FLOAT)
+    columns = gb.op("Expand", [gb.const(ids[None, :]), rows_and_subset])  # [R, Vo]
+    return gb.op("ScatterElements", [empty, columns, logits], axis=1, prefix="logits_subset")
+
+
 def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
     """positions [S] = P..P+S-1 and the fp32 additive causal mask [S, T] shared by all layers."""
     seq_len = gb.op("Gather", [gb.op("Shape", ["input_ids"]), gb.const(np.array(1, np.int64))], axis=0)
@@ -384,15 +398,17 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         # the output layer's own table when the model ties them, so the vocabulary is stored once.
         quantize_head = spec.quantized and spec.accuracy_level != 0
         head_spec = replace(spec, quantize="int8")
-        lm_head_table = gb.quantized_weight("lm_head.weight", lm_head_weight, head_spec) if quantize_head else None
+        subset = None if spec.output_ids is None else np.asarray(spec.output_ids, dtype=np.int64)  # [Vo]
+        head_weight = lm_head_weight if subset is None else lm_head_weight[subset]  # [V or Vo, H]
+        shared = arch.tie_word_embeddings and subset is None  # one table serves the embeddings and the output layer
         if quantize_head:
-            embed_table = (lm_head_table if arch.tie_word_embeddings
-                           else gb.quantized_weight("embed_tokens.weight", embed, head_spec))
+            head_table = gb.quantized_weight("lm_head.weight", head_weight, head_spec)
+            embed_table = head_table if shared else gb.quantized_weight("embed_tokens.weight", embed, head_spec)
             hidden = gb.embedding_from_int8(embed_table, "input_ids", spec.block_size)  # [1, S, H]
         else:
             embed_name = gb.weight("embed_tokens.weight", embed)
             hidden = gb.op("Gather", [embed_name, "input_ids"], axis=0, prefix="embed")  # [1, S, H]
-            lm_head_name = embed_name if arch.tie_word_embeddings else gb.weight("lm_head.weight", lm_head_weight)
+            head_name = embed_name if shared else gb.weight("lm_head.weight", head_weight)
 
         positions, mask = _positions_and_mask(gb)
         if spec.pad_attention_rows:  # the mask row of the extra query row _attention adds
@@ -423,10 +439,12 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         if spec.logits_rows is not None:  # Slice clamps the start: min(S, R) rows
             hidden_2d = gb.op("Slice", [hidden_2d, gb.ints([-spec.logits_rows]), gb.ints([2 ** 62]), gb.ints([0])])
         if quantize_head:
-            logits = gb.linear(hidden_2d, "lm_head.weight", lm_head_weight, head_spec, quantized=lm_head_table)  # [R, V]
+            logits = gb.linear(hidden_2d, "lm_head.weight", head_weight, head_spec, quantized=head_table)  # [R, V|Vo]
         else:
-            logits = gb.op("Gemm", [hidden_2d, lm_head_name], transB=1)  # [S, V]
-        if onnx_dtype != TensorProto.FLOAT:
+            logits = gb.op("Gemm", [hidden_2d, head_name], transB=1)  # [R, V|Vo]
+        if subset is not None:
+            logits = _scatter_to_vocab(gb, logits, subset, vocab)  # [R, V], -inf outside the subset
+        if onnx_dtype != TensorProto.FLOAT and subset is None:
             logits = gb.op("Cast", [logits], to=TensorProto.FLOAT)
         gb.nodes.append(helper.make_node("Unsqueeze", [logits, gb.ints([0])], ["logits"]))
     finally:

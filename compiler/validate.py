@@ -93,7 +93,10 @@ def run_graph_in_chunks(decoder: Any, token_ids: np.ndarray, plan: list[int]) ->
 
 def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context: int, vocab: int,
                    widths: tuple[int, ...], texts: tuple[str, ...] = VALIDATION_TEXTS, threads: int = 0,
-                   quantize: str = "none", logits_rows: int | None = None) -> ValidationReport:
+                   quantize: str = "none", logits_rows: int | None = None,
+                   output_ids: tuple[int, ...] | None = None) -> ValidationReport:
+    """Compare the graph's logits with transformers' on `texts`, fed in chunks as the runtime feeds them. A graph
+    whose output layer covers only `output_ids` is compared on those columns (the others are -inf by design)."""
     from spectrt.runtime.backends.onnxruntime_backend import OrtDecoder, OrtOptions
 
     arch = loaded.arch
@@ -107,6 +110,8 @@ def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context:
         decoder.reset()
         positions_checked, graph = run_graph_in_chunks(decoder, token_ids, plan)
         reference = reference_logits(loaded.model, token_ids, vocab)[positions_checked]
+        if output_ids is not None:
+            graph, reference = graph[:, list(output_ids)], reference[:, list(output_ids)]
         diffs.append(np.abs(graph - reference))
         agree += int((graph.argmax(-1) == reference.argmax(-1)).sum())
         positions += len(positions_checked)

@@ -297,15 +297,15 @@ class ModelDrafter:
         self.name = "grammar+model" if grammar_forced else "model"
 
     def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
+        # keep the cached rows of a common prefix; the rest of the prompt is read by `catch_up` before the first
+        # proposal, so a request that never speculates (auto found plain decoding faster) never pays for it
         context = prompt_ids[:-1]  # the last prompt token is fed with the first proposal
-        kept = self.decoder.reuse(context, len(context) if reuse_prefix else 0)
-        if len(context) > kept:
-            self.decoder.step(np.asarray(context[kept:], dtype=np.int64))
-            self.decoder.commit(len(context) - kept)
+        self.decoder.reuse(context, len(context) if reuse_prefix else 0)
 
     def catch_up(self, tokens: list[int]) -> None:
         # normally 1 or 2 committed tokens are new to the draft (2 after a fully accepted round) and are
-        # fed with its first proposal step; after plain rounds more are, and they go in as one prefill
+        # fed with its first proposal step; before its first proposal (the prompt) and after plain rounds
+        # more are, and they go in as one prefill
         if len(tokens) - self.decoder.length > 2:
             self.decoder.step(np.asarray(tokens[self.decoder.length : -1], dtype=np.int64))
             self.decoder.commit(len(tokens) - 1 - self.decoder.length)

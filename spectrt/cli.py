@@ -60,6 +60,10 @@ def _build_options(func):
         click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4"]),
                      help="The draft's weight quantization if different from --quantize (a cheaper draft only "
                           "changes acceptance, never the output) [default: same as --quantize]."),
+        click.option("--draft-vocab", type=int,
+                     help="The draft's output layer covers only the N lowest token ids (BPE merge order, roughly "
+                          "frequency) plus special tokens: a cheaper draft step; the target still verifies every "
+                          "token [default: 0 = all]."),
         click.option("--out", help="Bundle folder [default: engines/<name>]: missing, empty, or an earlier bundle "
                                    "(with --overwrite); any other folder is refused, never deleted."),
         click.option("--overwrite", is_flag=True, default=False,

@@ -22,7 +22,7 @@ def _recipe_path(small: bool) -> Path:
     raise FileNotFoundError(f"recipe {RECIPES[small]} not found; run from the spectrt checkout.")
 
 
-SETTINGS = ("widths", "max_context", "precision", "backend", "quantize", "draft_quantize")
+SETTINGS = ("widths", "max_context", "precision", "backend", "quantize", "draft_quantize", "draft_vocab")
 
 
 def _stale_reason(manifest: dict, config) -> str | None:
