@@ -54,7 +54,7 @@ def resolve_llamacpp_models(config: Any, bundle: dict[str, Any]) -> tuple[str | 
 
 def _context_size(prompts: list[list[int]], max_new_tokens: int) -> int:
     """Room for the longest prompt, the budget and one round of proposals, in multiples of 256."""
-    needed = max(len(p) for p in prompts) + max_new_tokens + max(PROMPT_LOOKUP["num_pred_tokens"], DRAFT_TOKENS) + 8
+    needed = max(len(p) for p in prompts) + max_new_tokens + max(PROMPT_LOOKUP["num_pred_tokens"], DRAFT_TOKENS) + 64
     return -(-needed // 256) * 256
 
 
@@ -168,15 +168,32 @@ def run_llamacpp_peer(target_gguf: str, draft_gguf: str | None, *, bundle_dir: s
         raise ValueError(f"{target_gguf} has {vocab} tokens but the bundle's tokenizer produced larger ids: "
                          "pass the GGUF the bundle was built from (--peer-target).")
     workloads: dict[str, Any] = {}
+    failed: dict[str, str] = {}  # mode -> error: a speculative mode that raises is dropped, plain is not optional
+
+    def attempt(mode: str, ids: list[int]) -> dict[str, Any] | None:
+        llm, drafter = models[mode]
+        try:
+            return timed_generate(llm, drafter, ids, max_new_tokens, eos)
+        except Exception as exc:  # llama-cpp-python's speculative paths have their own bugs; keep the others
+            if mode == "plain":
+                raise
+            failed[mode] = f"{type(exc).__name__}: {exc}"
+            del models[mode]
+            return None
+
     for name, reqs in prompts.items():
         for _ in range(warmup):
-            for llm, drafter in models.values():
-                timed_generate(llm, drafter, reqs[0][1], max_new_tokens, eos)
+            for mode in list(models):
+                attempt(mode, reqs[0][1])
         runs: dict[str, dict[str, list[dict]]] = {pid: {mode: [] for mode in models} for pid, _ in reqs}
         for _ in range(repeats):
             for pid, ids in reqs:
-                for mode, (llm, drafter) in models.items():
-                    runs[pid][mode].append(timed_generate(llm, drafter, ids, max_new_tokens, eos))
+                for mode in list(models):
+                    result = attempt(mode, ids)
+                    if result is not None:
+                        runs[pid][mode].append(result)
+        runs = {pid: {mode: results for mode, results in modes_.items() if mode in models}
+                for pid, modes_ in runs.items()}
         per_prompt = {pid: {mode: _prompt_row(results, modes_["plain"][0]["token_ids"])
                             for mode, results in modes_.items()} for pid, modes_ in runs.items()}
         workloads[name] = {"summaries": _summaries(per_prompt, list(models)), "per_prompt": per_prompt}
@@ -194,6 +211,7 @@ def run_llamacpp_peer(target_gguf: str, draft_gguf: str | None, *, bundle_dir: s
         "metric": "decode tokens/s after the first token (median over repeats, then over prompts); "
                   "TTFT: call -> first token, prompt prefilled cold",
         "workloads": workloads,
+        "failed_modes": failed,
     }
 
 

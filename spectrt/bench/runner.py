@@ -364,7 +364,11 @@ def run_peers(config: BenchConfig, workloads: dict[str, list[Prompt]], bundle: d
     runners = {"transformers": run_transformers, "llamacpp": run_llamacpp}
     peers = {}
     for name in config.peers:
-        result = runners[name](config, requests, bundle, say)
+        try:
+            result = runners[name](config, requests, bundle, say)
+        except Exception as exc:  # a peer's crash must not lose the spectrt measurements taken before it
+            say(f"{name} peer failed: {type(exc).__name__}: {exc}")
+            continue
         if result is not None:
             peers[name] = result
     return peers
