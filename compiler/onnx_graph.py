@@ -251,8 +251,6 @@ def _fit_int4_blocks(grouped: np.ndarray, shrink: tuple[float, ...] = (1.0, 0.95
         best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
         best_scale = np.where(better, refined, best_scale)
         best_zero = np.where(better, zero.astype(np.uint8), best_zero)
-    flat = best_error == 0  # constant blocks (e.g. all zero): any scale works; keep it finite and non-zero
-    best_scale[flat & (best_scale == 0)] = 1.0
     return best_q, best_scale.astype(np.float32), best_zero
 
 
