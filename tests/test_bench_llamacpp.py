@@ -49,6 +49,22 @@ def test_auto_prints_one_skip_line_per_missing_peer(no_llama_cpp, monkeypatch):
     ]
 
 
+def test_a_crashing_peer_is_reported_and_the_others_kept(monkeypatch):
+    """A peer that raises (e.g. inside llama-cpp-python) must not lose the run: one line, the other peers kept."""
+    import spectrt.bench.runner as runner
+
+    def crash(*args, **kwargs):
+        raise ValueError("could not broadcast")
+
+    monkeypatch.setattr(runner, "run_llamacpp", crash)
+    monkeypatch.setattr(runner, "run_transformers", lambda *args, **kwargs: {"tool": "transformers"})
+    lines = []
+    peers = run_peers(BenchConfig(bundle="unused", peer="all"), {"code": [Prompt("c-1", "def f():")]},
+                      {"target": "model.gguf", "draft": None}, lines.append)
+    assert peers == {"transformers": {"tool": "transformers"}}
+    assert lines == ["llamacpp peer failed: ValueError: could not broadcast"]
+
+
 def test_explicit_llamacpp_peer_is_refused_before_any_work_when_missing(no_llama_cpp):
     for peer in ("llamacpp", "all"):
         with pytest.raises(ConfigError, match=r"needs llama-cpp-python \(pip install 'spectrt\[llamacpp\]'"):
