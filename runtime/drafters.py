@@ -37,6 +37,9 @@ class Drafter(Protocol):
     def catch_up(self, tokens: list[int]) -> None:
         """Absorb committed tokens this drafter has not seen (after plain rounds); timed apart from drafting."""
 
+    def behind(self, tokens: list[int]) -> int:
+        """Committed tokens a model would have to read before proposing (0 for a drafter that reads for free)."""
+
     def propose(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[np.ndarray, np.ndarray | None]:
         """Up to k proposed tokens [n<=k] for positions len(tokens).., and their draft probabilities
         [n, V] (None: the picker's rule does not need them, or the drafter is deterministic)."""
@@ -56,6 +59,9 @@ class NoDrafter:
 
     def catch_up(self, tokens: list[int]) -> None:
         pass
+
+    def behind(self, tokens: list[int]) -> int:
+        return 0
 
     def propose(self, tokens, k, picker):
         return np.zeros(0, np.int64), None
@@ -110,6 +116,9 @@ class NgramDrafter:
 
     def catch_up(self, tokens: list[int]) -> None:
         self._sync(tokens)
+
+    def behind(self, tokens: list[int]) -> int:
+        return 0  # indexing is cheap: done with every lookup
 
     def propose(self, tokens, k, picker):
         self._sync(tokens)
@@ -310,6 +319,9 @@ class ModelDrafter:
             self.decoder.step(np.asarray(tokens[self.decoder.length : -1], dtype=np.int64))
             self.decoder.commit(len(tokens) - 1 - self.decoder.length)
 
+    def behind(self, tokens: list[int]) -> int:
+        return len(tokens) - self.decoder.length
+
     def propose(self, tokens, k, picker):
         if k == 0:
             return np.zeros(0, np.int64), None
@@ -409,6 +421,9 @@ class GrammarDrafter:
 
     def catch_up(self, tokens: list[int]) -> None:
         pass
+
+    def behind(self, tokens: list[int]) -> int:
+        return 0
 
     def propose(self, tokens, k, picker):
         proposal: list[int] = []

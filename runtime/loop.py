@@ -95,7 +95,8 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
             metrics.draft_seconds += now() - started_at
             draft_started = True
         t0 = now()
-        k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model)
+        lag = drafter.behind(tokens)
+        k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model, lag)
         t1 = now()
         if k:
             drafter.catch_up(tokens)
@@ -112,7 +113,8 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         t5 = now()
         metrics.draft_catchup_seconds += t2 - t1
         metrics.record_round(k, len(proposal), accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
-        scheduler.record(k, len(proposal), accepted, t4 - t3, t3 - t2, drafter.uses_model)
+        scheduler.record(k, len(proposal), accepted, t5 - t3, t3 - t2, drafter.uses_model,
+                         catch_up=(lag if k else 0, t2 - t1))
 
 
 def _grammar_complete(picker: TokenPicker, rest: list[int], eos_ids: set[int]) -> bool:

@@ -3,13 +3,13 @@
 Expected-speedup model (Leviathan et al. 2023): with per-token acceptance a, a round with width
 k emits (1 - a^(k+1)) / (1 - a) tokens on average and costs k * c_draft + c_verify(k). `auto`
 picks the width with the most expected tokens per second from measured costs and an acceptance
-estimate, and falls back to k = 0 (plain decoding) when no width beats it.
+estimate, and falls back to k = 0 (plain decoding) unless a width beats it by a margin.
 
 - Costs (`CostModel`) are physical: one per drafter, shared by all requests of a Generator, updated
-  by every round. They are charged only what the formula prices: one target call with k+1 tokens,
-  and one draft step per proposed token (a draft catching up on plain rounds is not a draft step).
-  A width measured long ago is measured again now and then, so one slow first call cannot exclude
-  it forever.
+  by every round. A round is charged what the formula prices: the round without its drafting (target
+  call with k+1 tokens, acceptance, commit; plain rounds the same way) and one draft step per proposed
+  token. A draft reading tokens it has not seen (the prompt, or after plain rounds) is priced apart, as
+  the cost of switching from plain decoding to speculation.
 - Acceptance is kept apart: each request has its own estimate (`AcceptanceEstimate`), seeded by a
   long-run estimate (`LongRunAcceptance`) that only `auto` requests of the same drafter and sampling
   settings update, so fixed-width runs (e.g. other benchmark configurations) never steer `auto`.
@@ -52,12 +52,16 @@ class CostModel:
     """Running (EMA) estimates of per-call costs in seconds, and when each width was last measured."""
 
     smoothing: float = 0.3
-    stale_after: int = 64  # rounds after which a width's cost is measured again, and the old value dropped
+    stale_after: int = 64  # rounds after which a width next to the chosen one is measured again (old value dropped)
     draft_cost: float | None = None  # one draft decode step
-    verify_cost: dict[int, float] = field(default_factory=dict)  # k -> one target call with k+1 tokens
+    catch_up_cost: float | None = None  # per token a draft reads in one catch-up call, beyond one draft step
+    verify_cost: dict[int, float] = field(default_factory=dict)  # k -> one round without its drafting (target call
+    # with k+1 tokens, acceptance, commit): plain decoding (k = 0) is priced the same way
     rounds: int = 0  # rounds recorded so far (the clock of `measured_at`)
     measured_at: dict[int, int] = field(default_factory=dict)  # k -> value of `rounds` when last measured
-    plain_choices: int = 0  # times `auto` chose plain decoding (every probe_every-th is a probe instead)
+    plain_choices: int = 0  # rounds for which `auto` chose plain decoding (the clock of probes)
+    next_probe: int = 0  # value of `plain_choices` at which plain decoding is next interrupted by a probe
+    probe_interval: int = 0  # plain choices between probes (0: not started); doubles while probes do not pay
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -73,9 +77,22 @@ class CostModel:
         if steps:
             self.draft_cost = self._ema(self.draft_cost, seconds / steps)
 
+    def record_catch_up(self, tokens: int, seconds: float) -> None:
+        """The draft read `tokens` committed tokens it had not seen (after plain rounds, or the prompt) in `seconds`."""
+        if tokens > 2:  # 1 or 2 are fed with the next proposal step at no extra call
+            per_token = max(0.0, seconds - (self.draft_cost or 0.0)) / tokens
+            self.catch_up_cost = self._ema(self.catch_up_cost, per_token)
+
+    def catch_up_estimate(self, tokens: int) -> float:
+        """Seconds for the draft to read `tokens` unseen committed tokens before it can propose (0 if none or cheap)."""
+        if tokens <= 2 or self.draft_cost is None:
+            return 0.0
+        return self.draft_cost + (self.catch_up_cost or 0.0) * tokens
+
     def verify_estimate(self, k: int) -> float:
-        """Cost of a verify call with k+1 tokens: measured, else interpolated from the measured call sizes
-        (an n-gram drafter may never fill width k), else scaled linearly from the largest smaller one."""
+        """Cost of a round with k+1 tokens: measured, else interpolated between the measured call sizes (an n-gram
+        drafter may never fill width k), else extended along the line from plain decoding through the widest
+        measured size (or, without a plain measurement, scaled linearly in tokens)."""
         if k in self.verify_cost:
             return self.verify_cost[k]
         below = [n for n in self.verify_cost if n < k]
@@ -84,6 +101,10 @@ class CostModel:
             lo, hi = max(below), min(above)
             weight = (k - lo) / (hi - lo)
             return (1 - weight) * self.verify_cost[lo] + weight * self.verify_cost[hi]
+        if below and 0 in self.verify_cost and max(below) > 0:
+            widest = max(below)
+            slope = max(0.0, self.verify_cost[widest] - self.verify_cost[0]) / widest
+            return self.verify_cost[widest] + slope * (k - widest)
         nearest = max(below) if below else min(above)
         return self.verify_cost[nearest] * (k + 1) / (nearest + 1)
 
@@ -125,16 +146,19 @@ class AcceptanceEstimate:
 
 @dataclass
 class LongRunAcceptance:
-    """Acceptance over past requests (each request's totals, older requests decayed): the prior of the next."""
+    """Acceptance over past requests (each request's totals, older requests decayed), shrunk towards `default`:
+    the prior of the next request. Shrinking matters: a request that only probed now and then judged a handful of
+    tokens, and three accepted probes must not make the next request start as if every proposal were accepted."""
 
     default: float = 0.6
+    default_weight: float = 8.0  # the default counts as this many judged tokens
     decay: float = 0.9  # per request
     accepted: float = 0.0
     trials: float = 0.0
 
     @property
     def value(self) -> float:
-        return self.accepted / self.trials if self.trials > 0 else self.default
+        return (self.accepted + self.default * self.default_weight) / (self.trials + self.default_weight)
 
     def update(self, request: AcceptanceEstimate) -> None:
         if request.trial_total:
@@ -146,16 +170,42 @@ class LongRunAcceptance:
 
 
 class WidthScheduler:
-    """`fixed` K, or `auto`: measure, then pick the best expected tokens/s (0 = plain decoding)."""
+    """`fixed` K, or `auto`: the width with the best expected tokens/s (0 = plain decoding).
+
+    `auto` in detail:
+    - Bootstrap: one plain round and one speculative round (the smallest width for a model draft, the cheapest
+      to measure; the widest for a model-free one, whose misses cost nothing) price the rest: other widths are
+      interpolated or extended from them and measured only when chosen.
+    - Speculation is chosen only if its expected speed-up is at least 1 + `margin` (estimates are noisy, and a
+      wrong switch costs more than a missed one). To switch from plain decoding to a model draft, it must promise
+      at least 1 + `start_margin`, and when the draft must first read tokens it has not seen (the prompt, or the
+      output of plain rounds) the expected saving over the remaining budget must pay for that catch-up: a few
+      accepted probes make the acceptance estimate jump, and a speed-up of a few percent predicted from them was
+      measured as a loss (Qwen2.5-Coder 1.5B int4 with its 0.5B draft on 2 cores, a draft step half a target
+      step: `auto` 7-12% slower than plain decoding on chat prompts without the start margin).
+    - While plain decoding is chosen, a probe with the smallest width now and then refreshes the acceptance
+      estimate: after `probe_every` plain rounds, then at doubling intervals (up to `max_probe_interval`) while
+      probes do not turn speculation on; never when the draft's catch-up would cost more than `probe_budget`
+      plain rounds.
+    - The widths next to the chosen one, and plain decoding (the baseline), are measured again when their cost
+      is older than `stale_after` rounds (costs drift as the context grows, and one slow call must not exclude a
+      width for good); far widths are not (each such measurement is a round at a width that does not pay).
+    """
 
     def __init__(self, built_widths: tuple[int, ...], width: str | int = "auto", *, probe_every: int = 16,
-                 costs: CostModel | None = None,
-                 acceptance: AcceptanceEstimate | None = None):
+                 max_probe_interval: int = 256, probe_budget: float = 4.0, margin: float = 0.05,
+                 start_margin: float = 0.15,
+                 costs: CostModel | None = None, acceptance: AcceptanceEstimate | None = None):
         self.built = tuple(sorted(built_widths))
         self.costs = costs or CostModel()
         self.acceptance = acceptance or AcceptanceEstimate()
         self.probe_every = probe_every
+        self.max_probe_interval = max_probe_interval
+        self.probe_budget = probe_budget
+        self.margin = margin
+        self.start_margin = start_margin
         self.last_width: int | None = None  # the width chosen for the latest round
+        self.speculating = False  # the latest round speculated because it paid (not a probe, not a re-measurement)
         if width == "auto":
             self.fixed = None
         else:
@@ -165,48 +215,65 @@ class WidthScheduler:
                                       f"{', '.join(map(str, self.built))} (or 0 for plain decoding, or auto).")
             self.fixed = k
 
-    def _unmeasured(self, model_draft: bool) -> list[int]:
-        missing = [k for k in [0, *self.built] if k not in self.costs.verify_cost and k not in self.costs.measured_at]
-        if model_draft and self.costs.draft_cost is None and self.built:
-            missing.append(self.built[0])
-        return missing
-
-    def width(self, limit: int, model_draft: bool = True) -> int:
-        """Width for the next round, at most `limit` (remaining budget / context)."""
-        self.last_width = self._choose(limit, model_draft)
+    def width(self, limit: int, model_draft: bool = True, draft_lag: int = 0) -> int:
+        """Width for the next round, at most `limit` (remaining budget / context); `draft_lag`: committed tokens
+        the draft has not read yet."""
+        self.last_width = self._choose(limit, model_draft, draft_lag)
         return self.last_width
 
-    def _choose(self, limit: int, model_draft: bool) -> int:
+    def _choose(self, limit: int, model_draft: bool, draft_lag: int) -> int:
         if self.fixed is not None:
             return min(self.fixed, limit)  # the ONNX Runtime graph takes any K+1 length
+        costs = self.costs
         candidates = [k for k in self.built if k <= limit]
         if not candidates:
             return 0
-        missing = [k for k in self._unmeasured(model_draft) if k == 0 or k in candidates]
-        if missing:  # measure every width once first (widest first: it is the one that may pay most)
-            return max(missing)
-        stalest = max([0, *candidates], key=self.costs.age)
-        if self.costs.age(stalest) >= self.costs.stale_after:  # not measured for a while: measure it again
-            return stalest
-        best_k, best_speed = 0, 1.0
-        plain = self.costs.verify_estimate(0)
-        draft = (self.costs.draft_cost or 0.0) if model_draft else 0.0
-        for k in candidates:
-            speed = expected_speedup(self.acceptance.value, k, draft, self.costs.verify_estimate(k), plain)
-            if speed > best_speed:
-                best_k, best_speed = k, speed
-        if best_k == 0:  # re-check acceptance now and then (counted across requests: short ones too)
-            self.costs.plain_choices += 1
-            if self.costs.plain_choices % self.probe_every == 0:
-                return candidates[0]
-        return best_k
+        if 0 not in costs.verify_cost:
+            return 0
+        if not any(k > 0 for k in costs.verify_cost) or (model_draft and costs.draft_cost is None):
+            return candidates[0] if model_draft else candidates[-1]
+        plain = costs.verify_estimate(0)
+        draft = (costs.draft_cost or 0.0) if model_draft else 0.0
+        speeds = {k: expected_speedup(self.acceptance.value, k, draft, costs.verify_estimate(k), plain)
+                  for k in candidates}
+        best_k = max(candidates, key=lambda k: speeds[k])
+        switch_cost = costs.catch_up_estimate(draft_lag) if model_draft else 0.0
+        saving = limit * plain * (1.0 - 1.0 / speeds[best_k]) if speeds[best_k] > 0 else 0.0
+        needed = 1.0 + (self.start_margin if model_draft and not self.speculating else self.margin)
+        if speeds[best_k] < needed or saving < switch_cost:
+            self.speculating = False
+            return self._plain_or_probe(candidates[0], plain, switch_cost)
+        self.speculating = True
+        costs.probe_interval = 0  # speculation pays: probes start afresh when it stops paying
+        return self._stale_neighbour(best_k, [0, *candidates])
+
+    def _plain_or_probe(self, probe_width: int, plain_cost: float, switch_cost: float) -> int:
+        costs = self.costs
+        if costs.probe_interval == 0:  # plain decoding starts now: the first probe after probe_every rounds
+            costs.probe_interval = self.probe_every
+            costs.next_probe = costs.plain_choices + self.probe_every
+        costs.plain_choices += 1
+        if costs.plain_choices < costs.next_probe or switch_cost > self.probe_budget * plain_cost:
+            return 0
+        costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_interval)
+        costs.next_probe = costs.plain_choices + costs.probe_interval
+        return probe_width
+
+    def _stale_neighbour(self, best_k: int, widths: list[int]) -> int:
+        """best_k, or a width next to it whose cost is stale (the older one first)."""
+        at = widths.index(best_k)
+        neighbours = {0, *widths[max(0, at - 1) : at], *widths[at + 1 : at + 2]} - {best_k}  # plain: the baseline
+        stalest = max(sorted(neighbours), key=self.costs.age, default=best_k)
+        return stalest if self.costs.age(stalest) >= self.costs.stale_after else best_k
 
     def record(self, k: int, proposed: int, accepted: int, verify_seconds: float, draft_seconds: float,
-               model_draft: bool) -> None:
-        """Feed one round's measurements back: the target call had proposed+1 tokens."""
+               model_draft: bool, catch_up: tuple[int, float] = (0, 0.0)) -> None:
+        """Feed one round's measurements back: the round (without drafting) took verify_seconds for a target
+        call with proposed+1 tokens; `catch_up`: (tokens, seconds) the draft read before proposing."""
         self.costs.record_verify(proposed, verify_seconds)
         if proposed != k:
             self.costs.mark_attempted(k)
         if model_draft:
+            self.costs.record_catch_up(*catch_up)
             self.costs.record_draft(proposed, draft_seconds)
         self.acceptance.record(proposed, accepted)

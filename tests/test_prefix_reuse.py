@@ -44,7 +44,9 @@ def test_multi_turn_prefills_only_the_new_tokens(tiny_bundle, options):
     kept = len(turn1) + len(out1) - 1
     assert warm_result.metrics.reused_prompt_tokens == kept
     assert target_steps[0] == len(turn2) - kept  # the prefill computed only the new tokens
-    if options["draft"] == "model":
+    if options["draft"] == "model" and not draft_steps:  # auto found plain decoding faster throughout: the
+        assert options["width"] == "auto" and warm_result.metrics.speculative_rounds == 0  # draft never had to read
+    elif options["draft"] == "model":
         assert draft_kept > len(turn1)
         # the draft kept its prefix too: it reads on from there (the rest of the prompt, and with auto any tokens
         # of plain rounds before its first proposal) in one call

@@ -42,20 +42,78 @@ def test_auto_picks_narrow_when_verification_cost_grows_fast():
     assert scheduler.width(limit=100) == 2
 
 
-def test_auto_falls_back_to_plain_when_speculation_cannot_pay_and_probes_later():
+def test_auto_falls_back_to_plain_when_speculation_cannot_pay_and_probes_at_growing_intervals():
     scheduler = _measured(0.1, 0.5, {0: 1.0, 2: 1.2, 4: 1.5, 8: 2.0})
-    widths = [scheduler.width(limit=100) for _ in range(32)]
-    assert widths.count(0) == 30  # plain decoding...
-    assert widths[15] == 2 and widths[31] == 2  # ...with a probe of the smallest width every 16 rounds
+    widths = [scheduler.width(limit=100) for _ in range(120)]
+    probes = [i for i, k in enumerate(widths) if k]
+    assert probes == [15, 47, 111]  # after 16 plain rounds, then 32, then 64: the probes kept finding plain best
+    assert set(widths[i] for i in probes) == {2}  # the smallest width: the cheapest probe
 
 
-def test_auto_measures_unmeasured_widths_first_and_respects_limit():
+def test_a_probe_that_finds_speculation_paying_resets_the_probe_interval():
+    costs = CostModel(draft_cost=0.05, verify_cost={0: 1.0, 2: 1.1, 4: 1.3, 8: 2.0})
+    low = WidthScheduler((2, 4, 8), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.1))
+    for _ in range(48):
+        low.width(limit=100)
+    assert costs.probe_interval == 64  # two probes found plain decoding best
+    high = WidthScheduler((2, 4, 8), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.9))
+    assert high.width(limit=100) > 0 and costs.probe_interval == 0
+    widths = [low.width(limit=100) for _ in range(16)]
+    assert widths.index(2) == 15  # plain again: the first probe comes after probe_every rounds again
+
+
+def test_auto_needs_a_margin_over_plain_decoding():
+    # a=0.5, k=2 with free drafting: 1.75 tokens per round for 1.68 -> 1.04x: inside the margin
+    scheduler = _measured(0.5, 0.0, {0: 1.0, 2: 1.68})
+    assert scheduler.width(limit=100, model_draft=False) == 0
+    assert WidthScheduler((2,), "auto", costs=scheduler.costs, acceptance=AcceptanceEstimate(prior=0.5),
+                          margin=0.0).width(limit=100, model_draft=False) == 2
+
+
+def test_auto_weighs_the_drafts_catch_up_against_the_remaining_budget():
+    costs = CostModel(draft_cost=0.05, catch_up_cost=0.01, verify_cost={0: 1.0, 2: 1.1, 4: 1.3})
+    # a=0.8, k=4: 3.36 tokens for 1.5 -> 2.24x; over 10 tokens that saves 5.5 plain steps
+    def choose(limit, lag):
+        return WidthScheduler((2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.8)).width(
+            limit=limit, draft_lag=lag)
+    assert choose(10, 2) == 4  # fed with the next draft step: free
+    assert choose(10, 400) == 4  # 0.05 + 4.0 s to catch up, less than the saving
+    assert choose(10, 600) == 0  # 6.05 s: more than it saves over 10 tokens
+    assert choose(100, 600) == 4  # ...but not over 100
+    assert choose(10, 600) == 0 and choose(10, 600) == 0  # the same request keeps decoding plainly
+
+
+def test_switching_from_plain_to_a_model_draft_needs_a_larger_promise_than_going_on():
+    costs = CostModel(draft_cost=0.5, catch_up_cost=0.001, verify_cost={0: 1.0, 1: 1.13})
+    # a=0.8, k=1: 1.8 tokens for 1.63 -> 1.10x: enough to go on speculating, not to start
+    scheduler = WidthScheduler((1,), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.8))
+    assert scheduler.width(limit=100, draft_lag=2) == 0  # the draft has just read everything: still not a start
+    assert scheduler.width(limit=100, model_draft=False) == 1  # a free draft needs no more than the margin
+    scheduler.acceptance = AcceptanceEstimate(prior=0.95)  # 1.95 / 1.63 = 1.20x: worth the switch
+    assert scheduler.width(limit=100, draft_lag=20) == 1 and scheduler.speculating
+    scheduler.acceptance = AcceptanceEstimate(prior=0.8)
+    assert scheduler.width(limit=100, draft_lag=2) == 1  # 1.10x: going on pays
+    scheduler.acceptance = AcceptanceEstimate(prior=0.7)
+    assert scheduler.width(limit=100, draft_lag=2) == 0 and not scheduler.speculating  # 1.04x: stop
+
+
+def test_a_probe_is_skipped_when_the_draft_would_first_read_a_long_prompt():
+    costs = CostModel(draft_cost=0.5, catch_up_cost=0.05, verify_cost={0: 1.0, 2: 1.2})
+    scheduler = WidthScheduler((2,), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.1))
+    assert [scheduler.width(limit=100, draft_lag=1000) for _ in range(40)] == [0] * 40  # 50 s: never probed
+    assert scheduler.width(limit=100, draft_lag=20) == 2  # 1.5 s: within 4 plain steps, the due probe runs
+
+
+def test_auto_bootstraps_from_plain_and_one_width_then_respects_limit():
     scheduler = WidthScheduler((2, 4, 8), "auto")
-    assert scheduler.width(limit=100) == 8
-    scheduler.costs.record_verify(8, 1.0)
-    assert scheduler.width(limit=100) == 4
+    assert scheduler.width(limit=100) == 0  # plain decoding is priced first: everything is compared with it
+    scheduler.costs.record_verify(0, 1.0)
+    assert scheduler.width(limit=100) == 2  # a model draft: the smallest width is the cheapest to measure
+    assert scheduler.width(limit=100, model_draft=False) == 8  # a free draft: the widest (it drafts what it finds)
     assert scheduler.width(limit=3) == 2  # only widths <= limit
     assert scheduler.width(limit=1) == 0
+    scheduler.record(2, 2, 2, verify_seconds=1.1, draft_seconds=0.1, model_draft=True)
+    assert scheduler.width(limit=100) == 8  # acceptance now 0.8; 8 priced along the line from 0 through 2
 
 
 def test_acceptance_estimate_adapts():
@@ -76,8 +134,14 @@ def test_long_run_acceptance_seeds_the_next_request_only():
         request.record(proposed=4, accepted=1)  # 1 accepted of 2 judged per round
     assert long_run.value == pytest.approx(0.6)  # a running request does not move the long-run value...
     long_run.update(request)
-    assert long_run.value == pytest.approx(0.5)  # ...its totals do, once it ends
-    assert long_run.start_request().prior == pytest.approx(0.5)
+    assert long_run.value == pytest.approx((10 + 0.6 * 8) / (20 + 8))  # ...its totals do, once it ends (shrunk)
+    assert long_run.start_request().prior == pytest.approx(long_run.value)
+    few = LongRunAcceptance()
+    probe = few.start_request()
+    for _ in range(3):
+        probe.record(proposed=1, accepted=1)
+    few.update(probe)
+    assert few.value < 0.75  # three accepted probes are not evidence of 100% acceptance
 
 
 def test_stale_widths_are_measured_again():
@@ -136,18 +200,27 @@ def test_stale_widths_are_measured_again_across_short_requests():
     assert later and later.count(4) >= len(later) - 2
 
 
-def test_a_width_the_drafter_never_fills_is_priced_by_interpolation():
-    """The n-gram drafter may propose fewer than K tokens every time: K must not stay 'unmeasured' forever."""
+def test_a_width_the_drafter_never_fills_is_priced_from_the_sizes_it_does_fill():
+    """The n-gram drafter may propose fewer than K tokens every time: the calls are priced as what they were."""
     scheduler = WidthScheduler((2, 4, 8), "auto", acceptance=AcceptanceEstimate(prior=0.9))
     chosen = []
-    for _ in range(30):
+    for _ in range(10):
         k = scheduler.width(limit=100, model_draft=False)
         chosen.append(k)
         proposed = min(k, 3)  # never more than 3 matching tokens
         scheduler.record(k, proposed, proposed, 1.0 + 0.01 * proposed, 0.0, model_draft=False)
-    # each width is asked for once (widest first), then priced: 4 (3 real tokens, 5 estimated) pays most
-    assert chosen[:4] == [8, 4, 2, 0]
-    assert chosen.count(8) == 1 and set(chosen[4:]) == {4}
+    assert chosen[:2] == [0, 8] and set(chosen[2:]) == {8}
+    assert set(scheduler.costs.verify_cost) == {0, 3}
     costs = CostModel(verify_cost={0: 1.0, 2: 1.2, 8: 2.4})
     assert costs.verify_estimate(4) == pytest.approx(1.6)  # between 2 and 8
-    assert costs.verify_estimate(11) == pytest.approx(2.4 * 12 / 9)  # beyond: linear in tokens
+    assert costs.verify_estimate(11) == pytest.approx(2.4 + 3 * 1.4 / 8)  # beyond: along the line from plain
+    assert CostModel(verify_cost={2: 1.2}).verify_estimate(5) == pytest.approx(1.2 * 6 / 3)  # no plain: per token
+
+
+def test_catch_up_cost_is_learned_per_token_beyond_one_draft_step():
+    costs = CostModel(draft_cost=0.02)
+    costs.record_catch_up(2, 0.5)  # fed with the next proposal step: not a catch-up call
+    assert costs.catch_up_cost is None and costs.catch_up_estimate(2) == 0.0
+    costs.record_catch_up(100, 0.22)
+    assert costs.catch_up_cost == pytest.approx(0.002)
+    assert costs.catch_up_estimate(50) == pytest.approx(0.02 + 0.1)

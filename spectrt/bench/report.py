@@ -89,13 +89,16 @@ def _cost_table(summaries: list[dict[str, Any]]) -> list[str]:
         return []
     step = costs[0][1]["target_step_seconds"]
     lines = [f"Cost in target steps (one step = the plain run's target call per token, {_fmt(_ms(step), '.1f')} ms): "
-             "draft = draft seconds / drafted tokens, verify = verify seconds / rounds.", "",
-             "| config | draft ms/token | draft / target step | verify ms/call | verify / target step |",
-             "|---|---|---|---|---|"]
+             "draft = drafting seconds / drafted tokens, verify = verify seconds / rounds; catch-up = a draft "
+             "model reading the prompt and the tokens of plain rounds before it proposes (per request).", "",
+             "| config | draft ms/token | draft / target step | verify ms/call | verify / target step "
+             "| catch-up ms/request |",
+             "|---|---|---|---|---|---|"]
     for label, c in costs:
         lines.append(f"| {label} | {_fmt(_ms(c['draft_seconds_per_token']), '.2f')} | "
                      f"{_fmt(c['draft_cost_vs_target_step'], '.3f')} | {_fmt(_ms(c['verify_seconds_per_call']), '.1f')} | "
-                     f"{_fmt(c['verify_cost_vs_target_step'], '.2f')} |")
+                     f"{_fmt(c['verify_cost_vs_target_step'], '.2f')} | "
+                     f"{_fmt(_ms(c.get('catch_up_seconds_per_run')), '.0f')} |")
     return lines + [""]
 
 

@@ -200,17 +200,22 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
 def drafter_costs(runs: list[dict], plain_runs: list[dict]) -> dict[str, Any] | None:
     """What one drafted token and one verification call cost, in target steps. The unit is the plain run's
     per-token time: its verify seconds / rounds (one single-token target call per round). Measured for every
-    width (auto included) and drafter, unlike `predicted`; draft seconds include a draft model's catch-up."""
+    width (auto included) and drafter, unlike `predicted`. A draft model's catch-up (reading the prompt, or
+    the tokens of plain rounds, before it can propose) is not a drafted token's cost: it is reported apart,
+    per run."""
     plain_rounds = sum(r["rounds"] for r in plain_runs)
     if not plain_rounds:
         return None
     step = sum(r["verify_seconds"] for r in plain_runs) / plain_rounds
     drafted = sum(r["drafted_tokens"] for r in runs)
     rounds = sum(r["rounds"] for r in runs)
-    draft_cost = sum(r["draft_seconds"] for r in runs) / drafted if drafted else None
+    drafting = sum(r["draft_seconds"] - r.get("draft_catchup_seconds", 0.0) for r in runs)
+    draft_cost = drafting / drafted if drafted else None
     verify_cost = sum(r["verify_seconds"] for r in runs) / rounds if rounds else None
+    catch_up = sum(r.get("draft_catchup_seconds", 0.0) for r in runs) / len(runs) if runs else None
     return {"target_step_seconds": step, "draft_seconds_per_token": draft_cost,
             "draft_cost_vs_target_step": draft_cost / step if draft_cost is not None and step else None,
+            "catch_up_seconds_per_run": catch_up,
             "verify_seconds_per_call": verify_cost,
             "verify_cost_vs_target_step": verify_cost / step if verify_cost is not None and step else None}
 
