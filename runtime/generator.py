@@ -104,23 +104,81 @@ class GenerationResult:
     constraint: ConstraintMetrics | None = field(repr=False, default=None)  # constrained requests only
 
 
-def _make_decoder(manifest: Manifest, entry: ModelEntry, backend: str, threads: int, provider: str):
+PROVIDERS = ("auto", "cpu", "cuda", "cpu-planned")
+
+
+def _make_decoders(manifest: Manifest, entries: dict[str, ModelEntry], backend: str, threads: int,
+                   provider: str) -> dict[str, Any]:
+    """Decoders for `entries` (role -> ModelEntry).
+
+    backend 'tensorrt': the bundle's engines on the GPU. backend 'onnxruntime' (and 'auto'): the ONNX graphs,
+    with provider 'cpu' (host memory), 'cuda' (ONNX Runtime's CUDA provider on a device-resident plan: the KV
+    cache never leaves the GPU), 'cpu-planned' (host memory through the same plan as the GPU executors; for
+    tests and debugging) or 'auto' (cuda when it can run here, else cpu)."""
+    if provider not in PROVIDERS:
+        raise GenerationError(f"provider '{provider}' unknown; choose one of {', '.join(PROVIDERS)}.")
     if backend == "tensorrt":
-        raise BackendUnavailableError(
-            "the TensorRT runtime backend is not part of this spectrt release (engines are built and recorded in the "
-            "bundle, but running them is not implemented yet); use backend='onnxruntime'.")
-    if entry.onnx_path is None:
-        raise BackendUnavailableError(f"the bundle's {entry.role} model has no ONNX graph, and only the ONNX Runtime "
-                                      f"backend can run here; rebuild with --backend onnx or all.")
+        from .backends.tensorrt_backend import load_tensorrt
+
+        return load_tensorrt(manifest, entries)
+    missing = [role for role, entry in entries.items() if entry.onnx_path is None]
+    if missing:
+        raise BackendUnavailableError(f"the bundle's {' and '.join(missing)} model has no ONNX graph, and only the "
+                                      f"ONNX Runtime backend can run here; rebuild with --backend onnx or all.")
+    onnx_files = {}
+    for role, entry in entries.items():
+        onnx_files[role] = manifest.file(entry.onnx_path)  # resolved, and refused unless inside the bundle folder
+        if entry.onnx_data is not None:
+            manifest.file(entry.onnx_data)  # onnxruntime opens the external data itself: it must stay inside too
     from .backends.onnxruntime_backend import OrtDecoder, OrtOptions
 
-    onnx_file = manifest.file(entry.onnx_path)  # resolved, and refused unless inside the bundle folder
-    if entry.onnx_data is not None:
-        manifest.file(entry.onnx_data)  # onnxruntime opens the external data itself: it must stay inside too
-    return OrtDecoder(onnx_file, num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
-                      head_dim=entry.head_dim, precision=entry.precision, max_context=entry.max_context,
-                      vocab=entry.logits_vocab, options=OrtOptions(threads=threads, provider=provider),
-                      role=entry.role, io=(entry.inputs, entry.outputs), logits_rows=entry.logits_rows)
+    options = OrtOptions(threads=threads, provider=provider)
+    if provider == "auto":
+        provider = "cuda" if _cuda_path_available() else "cpu"
+    if provider == "cuda":
+        from .backends.planned import load_cuda_planned
+
+        return load_cuda_planned(entries, onnx_files, options)
+    if provider == "cpu-planned":
+        from .backends.planned import load_host_planned
+
+        return load_host_planned(entries, onnx_files, options)
+    options = OrtOptions(threads=threads, provider="cpu")
+    return {role: OrtDecoder(onnx_files[role], num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
+                             head_dim=entry.head_dim, precision=entry.precision, max_context=entry.max_context,
+                             vocab=entry.logits_vocab, options=options, role=entry.role,
+                             io=(entry.inputs, entry.outputs), logits_rows=entry.logits_rows)
+            for role, entry in entries.items()}
+
+
+def _tensorrt_path_available(entries: dict[str, ModelEntry]) -> bool:
+    """Every model has an engine, a TensorRT module is installed and a GPU is visible."""
+    if not all(entry.tensorrt for entry in entries.values()):
+        return False
+    try:
+        from .backends.cuda_runtime import cuda_runtime
+        from .backends.tensorrt_backend import import_tensorrt_runtime
+
+        import_tensorrt_runtime(next(iter(entries.values())).tensorrt.get("module"))
+        cuda_runtime()
+        return True
+    except Exception:
+        return False
+
+
+def _cuda_path_available() -> bool:
+    """ONNX Runtime's CUDA provider can keep the cache on a GPU here: it is installed and a GPU is visible."""
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return False
+        from .backends.cuda_runtime import cuda_runtime
+
+        cuda_runtime()
+        return True
+    except Exception:  # no onnxruntime, no libcudart, no GPU: the CPU path
+        return False
 
 
 class Generator:
@@ -146,10 +204,14 @@ class Generator:
         if verify != "none":
             verify_files(self.manifest, cache=(verify == "cached"))
         self.tokenizer = BundleTokenizer(self.manifest.file(self.manifest.tokenizer_file), self.manifest.generation)
-        self.target = _make_decoder(self.manifest, self.manifest.target, backend, threads, provider)
-        self.draft = None
+        entries = {"target": self.manifest.target}
         if load_draft and self.manifest.draft is not None:
-            self.draft = _make_decoder(self.manifest, self.manifest.draft, backend, threads, provider)
+            entries["draft"] = self.manifest.draft
+        if backend == "auto":
+            backend = "tensorrt" if _tensorrt_path_available(entries) else "onnxruntime"
+        decoders = _make_decoders(self.manifest, entries, backend, threads, provider)
+        self.target = decoders["target"]
+        self.draft = decoders.get("draft")
         self.eos_ids = set(int(i) for i in self.manifest.generation["eos_token_ids"])
         self.constraints = ConstraintCompiler(self.manifest.file(self.manifest.tokenizer_file),
                                               self.manifest.target.logits_vocab, self.eos_ids)

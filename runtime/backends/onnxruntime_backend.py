@@ -94,6 +94,39 @@ def check_graph_io(session, inputs: tuple[TensorSpec, ...], outputs: tuple[Tenso
                               f"(dims '?' are dynamic). The manifest and the graph disagree: rebuild the bundle.")
 
 
+def session_options(ort, options: OrtOptions):
+    session_options = ort.SessionOptions()
+    if options.threads:
+        session_options.intra_op_num_threads = options.threads
+    session_options.inter_op_num_threads = 1
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    session_options.graph_optimization_level = levels[options.optimization]
+    return session_options
+
+
+def open_session(onnx_path: Path, *, role: str, io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]],
+                 logits_rows: int | None, options: OrtOptions, providers: list[str]):
+    """An InferenceSession for a spectrt decoder graph, checked against the manifest's I/O contract."""
+    ort = _import_ort()
+    session = _create_session(ort, onnx_path, session_options(ort, options), providers, role)
+    check_graph_io(session, *io, role=role, onnx_path=onnx_path)
+    rows_dim = next(o.shape[1] for o in session.get_outputs() if o.name == "logits")
+    if (rows_dim == "logits_rows") != (logits_rows is not None):
+        raise BundleError(f"the {role} ONNX graph {onnx_path.name} returns logits for "
+                          f"{'its last logits_rows positions' if rows_dim == 'logits_rows' else 'every position'}, "
+                          f"but the manifest says logits_rows={logits_rows}; rebuild the bundle.")
+    return session
+
+
+def open_checked_session(onnx_path: Path, entry, options: OrtOptions, providers: list[str]):
+    """open_session for a manifest ModelEntry."""
+    return open_session(Path(onnx_path), role=entry.role, io=(entry.inputs, entry.outputs),
+                        logits_rows=entry.logits_rows, options=options, providers=providers)
+
+
 class OrtDecoder(CacheBookkeeping):
     """Runs a spectrt decoder graph step by step with an in-place KV cache (CPU buffers).
 
@@ -106,25 +139,10 @@ class OrtDecoder(CacheBookkeeping):
                  logits_rows: int | None = None):
         onnx_path = Path(onnx_path)
         ort = _import_ort()
-        session_options = ort.SessionOptions()
-        if options.threads:
-            session_options.intra_op_num_threads = options.threads
-        session_options.inter_op_num_threads = 1
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        session_options.graph_optimization_level = levels[options.optimization]
         self.providers = _providers(ort, options.provider)
-        self.session = _create_session(ort, onnx_path, session_options, self.providers, role)
-        inputs, outputs = io if io is not None else expected_graph_io(num_layers, kv_heads, head_dim, precision, vocab,
-                                                                      logits_rows)
-        check_graph_io(self.session, inputs, outputs, role=role, onnx_path=onnx_path)
-        rows_dim = next(o.shape[1] for o in self.session.get_outputs() if o.name == "logits")
-        if (rows_dim == "logits_rows") != (logits_rows is not None):
-            raise BundleError(f"the {role} ONNX graph {onnx_path.name} returns logits for "
-                              f"{'its last logits_rows positions' if rows_dim == 'logits_rows' else 'every position'}, "
-                              f"but the manifest says logits_rows={logits_rows}; rebuild the bundle.")
+        io = io if io is not None else expected_graph_io(num_layers, kv_heads, head_dim, precision, vocab, logits_rows)
+        self.session = open_session(onnx_path, role=role, io=io, logits_rows=logits_rows, options=options,
+                                    providers=self.providers)
         self.num_layers = num_layers
         self.max_context = max_context
         self.vocab = vocab

@@ -1,0 +1,232 @@
+"""Decoders that run on one device-memory plan (device_plan.py) through an executor.
+
+An executor owns the arena (one allocation holding every buffer of both models) and carries out
+`CallPlan`s: it binds every tensor at `base + offset`, runs the call, then does the plan's copies.
+The decoder only does bookkeeping (how many rows are committed) and asks the planner for calls.
+
+Executors:
+- `HostOrtExecutor`: ONNX Runtime's CPU provider on a host-memory arena. It runs exactly the plans the
+  GPU executors run (offsets, staging, split calls), so their arithmetic is tested on any machine.
+- `CudaOrtExecutor` (cuda_executors.py): ONNX Runtime's CUDA provider on a device arena.
+- `TensorRTExecutor` (tensorrt_backend.py): TensorRT engines, one context per profile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from spectrt.errors import BundleError
+
+from ..kv_cache import NP_DTYPES, RowCounter
+from .base import CacheBookkeeping
+from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelGeometry, ModelLayout, Profile, plan_step
+
+
+class Executor(Protocol):
+    name: str
+
+    def write_tokens(self, layout: ModelLayout, token_ids: np.ndarray) -> None:
+        """Put a call's token ids [S] int64 at the start of the model's token slots."""
+
+    def run(self, call: CallPlan) -> None:
+        """Run one call (shapes and addresses from the plan), then its copies."""
+
+    def read_logits(self, layout: ModelLayout, rows: int) -> np.ndarray:
+        """The first `rows` rows of the model's logits buffer, [rows, V] fp32 in host memory."""
+
+
+class PlannedDecoder(CacheBookkeeping):
+    """A Decoder (base.Decoder) whose cache, logits and token slots live in an executor's arena."""
+
+    def __init__(self, layout: ModelLayout, executor: Executor):
+        self.layout = layout
+        self.executor = executor
+        self.max_context = layout.geometry.max_context
+        self.vocab = layout.geometry.vocab
+        self.logits_rows = layout.geometry.logits_rows
+        super().__init__(RowCounter(self.max_context))
+
+    def _forward(self, token_ids: np.ndarray) -> np.ndarray:
+        token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)  # [S]
+        calls = plan_step(self.layout, self.cache.length, len(token_ids))
+        for call in calls:
+            self.executor.write_tokens(self.layout, token_ids[call.first_token : call.first_token + call.count])
+            self.executor.run(call)
+        return self.executor.read_logits(self.layout, calls[-1].logits_rows)  # [min(S, R), V]
+
+
+def geometry(entry: Any) -> ModelGeometry:
+    """ModelGeometry of a manifest ModelEntry (its graph must return the last logits_rows positions)."""
+    if entry.logits_rows is None:
+        raise BundleError(f"the bundle's {entry.role} graph returns logits for every position (an older bundle); "
+                          f"the planned backends need graphs with logits_rows: rebuild the bundle.")
+    max_fixed_step = (max(entry.widths) + 1) if entry.widths else 2  # the draft feeds 2 tokens after a full accept
+    return ModelGeometry(entry.role, entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.precision,
+                         entry.logits_vocab, entry.max_context, entry.logits_rows, max_fixed_step)
+
+
+class HostOrtExecutor:
+    """ONNX Runtime (CPU provider) on a host-memory arena, bound by raw address exactly as a device arena is."""
+
+    name = "onnxruntime-host"
+    device = "cpu"
+
+    def __init__(self, sessions: dict[str, Any]):
+        self.sessions = sessions  # role -> InferenceSession
+        self.plan: DevicePlan | None = None
+        self._arena: np.ndarray | None = None
+        self.base = 0
+
+    def allocate(self, plan: DevicePlan) -> None:
+        self.plan = plan
+        self._arena = np.zeros(plan.nbytes + ALIGNMENT, np.uint8)
+        self.base = -self._arena.ctypes.data % ALIGNMENT + self._arena.ctypes.data
+        assert self.base % ALIGNMENT == 0
+
+    def _view(self, offset: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        start = self.base - self._arena.ctypes.data + offset
+        count = int(np.prod(shape))
+        return self._arena[start : start + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    def write_tokens(self, layout: ModelLayout, token_ids: np.ndarray) -> None:
+        self._view(layout.token_ids.offset, np.int64, (len(token_ids),))[:] = token_ids
+
+    def run(self, call: CallPlan) -> None:
+        session = self.sessions[call.role]
+        binding = session.io_binding()
+        kv_dtype = NP_DTYPES[self.plan.models[call.role].geometry.kv_dtype]
+        for name, shape in call.input_shapes.items():
+            dtype = np.int64 if name == "input_ids" else kv_dtype
+            binding.bind_input(name, self.device, 0, dtype, shape, self.base + call.addresses[name])
+        for name, shape in call.output_shapes.items():
+            dtype = np.float32 if name == "logits" else kv_dtype
+            binding.bind_output(name, self.device, 0, dtype, shape, self.base + call.addresses[name])
+        session.run_with_iobinding(binding)
+        for copy in call.copies:
+            ctypes.memmove(self.base + copy.destination, self.base + copy.source, copy.nbytes)
+
+    def read_logits(self, layout: ModelLayout, rows: int) -> np.ndarray:
+        return self._view(layout.logits.offset, np.float32, (rows, layout.geometry.vocab))
+
+
+def load_host_planned(entries: dict[str, Any], onnx_files: dict[str, Path], options: Any) -> dict[str, PlannedDecoder]:
+    """Planned decoders for `entries` (role -> ModelEntry) on one host arena."""
+    from .device_plan import dynamic_profile, plan_memory
+    from .onnxruntime_backend import open_checked_session
+
+    sessions = {role: open_checked_session(onnx_files[role], entry, options, providers=["CPUExecutionProvider"])
+                for role, entry in entries.items()}
+    geometries = {role: geometry(entry) for role, entry in entries.items()}
+    plan = plan_memory([(g, (dynamic_profile(g),)) for g in geometries.values()])
+    executor = HostOrtExecutor(sessions)
+    executor.allocate(plan)
+    return {role: PlannedDecoder(plan.models[role], executor) for role in entries}
+
+
+def profiles_from_manifest(entry: Any, activation_bytes: dict[int, int]) -> tuple[Profile, ...]:
+    """The engine's optimization profiles as recorded in the manifest (input_ids gives S, past_key_0 gives P)."""
+    profiles = []
+    for record in entry.tensorrt["profiles"]:
+        shapes = record["shapes"]
+        seq = shapes["input_ids"]
+        past = shapes["past_key_0"]
+        profiles.append(Profile(record["index"], record["name"], (seq[0][1], seq[2][1]), (past[0][1], past[2][1]),
+                                activation_bytes.get(record["index"], 0)))
+    return tuple(profiles)
+
+
+class CudaOrtExecutor(HostOrtExecutor):
+    """ONNX Runtime's CUDA provider on a device arena (cudaMalloc): the KV cache never leaves the GPU; per step
+    the token ids go in and the logits rows the picker needs come back (into pinned host memory).
+
+    `run_with_iobinding` synchronizes the device at its end (ONNX Runtime's default), so the copies after a
+    call, and the logits read, see its results."""
+
+    name = "onnxruntime-cuda"
+    device = "cuda"
+
+    def __init__(self, sessions: dict[str, Any], cuda: Any):
+        super().__init__(sessions)
+        self.cuda = cuda  # cuda_runtime.CudaRuntime
+        self._host: dict[str, int] = {}  # role -> pinned host memory for its logits rows
+
+    def allocate(self, plan: DevicePlan) -> None:
+        self.plan = plan
+        self.base = self.cuda.malloc(plan.nbytes)  # cudaMalloc returns 256-byte (or better) aligned memory
+        assert self.base % ALIGNMENT == 0
+        self._host = {role: self.cuda.malloc_host(m.logits.nbytes) for role, m in plan.models.items()}
+
+    def write_tokens(self, layout: ModelLayout, token_ids: np.ndarray) -> None:
+        from .cuda_runtime import MEMCPY_HOST_TO_DEVICE
+
+        token_ids = np.ascontiguousarray(token_ids, dtype=np.int64)
+        self.cuda.memcpy(self.base + layout.token_ids.offset, token_ids.ctypes.data, token_ids.nbytes,
+                         MEMCPY_HOST_TO_DEVICE)
+        self.cuda.synchronize()  # a pageable H2D copy may return before its DMA ends; ORT runs on its own stream
+
+    def run(self, call: CallPlan) -> None:
+        from .cuda_runtime import MEMCPY_DEVICE_TO_DEVICE
+
+        copies, call = call.copies, _without_copies(call)
+        super().run(call)
+        for copy in copies:
+            self.cuda.memcpy(self.base + copy.destination, self.base + copy.source, copy.nbytes,
+                             MEMCPY_DEVICE_TO_DEVICE)
+        if copies:
+            self.cuda.synchronize()  # device-to-device cudaMemcpy does not wait for the copy to end
+
+    def read_logits(self, layout: ModelLayout, rows: int) -> np.ndarray:
+        from .cuda_runtime import MEMCPY_DEVICE_TO_HOST
+
+        nbytes = rows * layout.geometry.vocab * 4
+        host = self._host[layout.geometry.role]
+        self.cuda.memcpy(host, self.base + layout.logits.offset, nbytes, MEMCPY_DEVICE_TO_HOST)
+        pinned = (ctypes.c_float * (rows * layout.geometry.vocab)).from_address(host)
+        return np.ctypeslib.as_array(pinned).reshape(rows, layout.geometry.vocab)
+
+    def close(self) -> None:
+        if self.base:
+            self.cuda.free(self.base)
+            self.base = 0
+        for host in self._host.values():
+            self.cuda.free_host(host)
+        self._host = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _without_copies(call: CallPlan) -> CallPlan:
+    from dataclasses import replace
+
+    return replace(call, copies=())
+
+
+def load_cuda_planned(entries: dict[str, Any], onnx_files: dict[str, Path], options: Any) -> dict[str, PlannedDecoder]:
+    """Planned decoders for `entries` on one device arena, run by ONNX Runtime's CUDA provider."""
+    from .cuda_runtime import cuda_runtime
+    from .device_plan import dynamic_profile, plan_memory
+    from .onnxruntime_backend import _import_ort, open_checked_session
+
+    ort = _import_ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        from spectrt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"ONNX Runtime here has no CUDA provider (have {ort.get_available_providers()});"
+                                      f" install onnxruntime-gpu on a machine with an NVIDIA GPU, or use provider 'cpu'.")
+    cuda = cuda_runtime()
+    sessions = {role: open_checked_session(onnx_files[role], entry, options,
+                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                for role, entry in entries.items()}
+    geometries = {role: geometry(entry) for role, entry in entries.items()}
+    plan = plan_memory([(g, (dynamic_profile(g),)) for g in geometries.values()])
+    executor = CudaOrtExecutor(sessions, cuda)
+    executor.allocate(plan)
+    return {role: PlannedDecoder(plan.models[role], executor) for role in entries}
