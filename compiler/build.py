@@ -158,25 +158,17 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
 
 def compile_tensorrt(role: str, entry: dict[str, Any], config: BuildConfig, work_dir: Path,
                      progress: Progress) -> dict[str, Any]:
-    from .tensorrt_build import build_engine, decoder_profiles
+    """Build `role`'s engine next to its graph in `work_dir`; returns its manifest record (tensorrt_build.
+    compile_model_engine, shared with `spectrt compile`)."""
+    from .tensorrt_build import compile_model_engine, entry_profiles
 
-    arch = entry["arch"]
-    profiles = decoder_profiles(role, config.widths, config.max_context, arch["num_layers"], arch["num_kv_heads"],
-                                arch["head_dim"], config.prefill_opt)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    profiles = entry_profiles(role, entry, config.widths, config.prefill_opt)
     with progress.step(f"compile {role} TensorRT engine ({len(profiles)} profiles)"):
         # a fresh process: TensorRT's peak (about 2x the weights) does not stack on what export left behind
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            info = pool.submit(build_engine, work_dir / f"{role}.onnx", work_dir / f"{role}.engine", profiles,
-                               workspace_mb=config.workspace_mb,
-                               timing_cache=Path(config.timing_cache) if config.timing_cache else None,
-                               compute_capabilities=config.compute_capabilities).result()
-    return {"path": info.path.name, "module": info.module, "version": info.version, "profiles": info.profiles,
-            "compute_capabilities": info.compute_capabilities,
-            "built_on_gpu_compute_capability": info.gpu_compute_capability,
-            "build_seconds": round(info.build_seconds, 2), "strongly_typed": True}
+        return compile_model_engine(work_dir / f"{role}.onnx", work_dir / f"{role}.engine", profiles,
+                                    workspace_mb=config.workspace_mb,
+                                    timing_cache=Path(config.timing_cache) if config.timing_cache else None,
+                                    compute_capabilities=config.compute_capabilities)
 
 
 def generation_settings(tokenizer: Any, generation_config: Any) -> dict[str, Any]:

@@ -186,7 +186,7 @@ class FakeTrt:
                 pass
 
             def deserialize_cuda_engine(self, data):
-                role = json.loads(data)["stands_for"]
+                role = json.loads(bytes(data))["stands_for"]
                 entry = manifest.target if role == "target" else manifest.draft
                 session = open_checked_session(manifest.file(entry.onnx_path), entry, OrtOptions(threads=1),
                                                providers=["CPUExecutionProvider"])

@@ -54,8 +54,13 @@ def test_engines_have_exactly_the_requested_profiles(pair, precision, request, t
             assert smax == [1, MAX_CONTEXT - (k + 1), kv_heads, head_dim]
 
     draft_profiles = manifest.raw["models"]["draft"]["backends"]["tensorrt"]["profiles"]
-    assert [p["name"] for p in draft_profiles] == ["prefill", "decode"]
-    assert draft_profiles[1]["shapes"]["input_ids"] == [[1, 1]] * 3
+    assert [p["name"] for p in draft_profiles] == ["prefill", "decode", "decode_s2"]
+    draft_kv = (manifest.draft.num_kv_heads, manifest.draft.head_dim)
+    for profile, length in zip(draft_profiles[1:], (1, 2)):  # one draft step; two tokens after a full acceptance
+        assert profile["shapes"]["input_ids"] == [[1, length]] * 3
+        past_max = MAX_CONTEXT - length
+        assert profile["shapes"]["past_key_0"] == [[1, 0, *draft_kv], [1, past_max // 2, *draft_kv],
+                                                   [1, past_max, *draft_kv]]
     for role in ("target", "draft"):
         engine = result.bundle_dir / manifest.raw["models"][role]["backends"]["tensorrt"]["path"]
         assert engine.stat().st_size > 10_000

@@ -32,6 +32,7 @@ from spectrt.errors import BackendUnavailableError, BundleError, GenerationError
 
 from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelLayout, plan_memory
 from .planned import PlannedDecoder, geometry, profiles_from_manifest
+from .tensorrt_logger import collecting_logger
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 TRT_DTYPES = {"fp32": "FLOAT", "fp16": "HALF", "int64": "INT64"}
@@ -55,23 +56,6 @@ def import_tensorrt_runtime(preferred: str | None = None) -> Any:
         "on Jetson the JetPack package python3-libnvinfer; or run the ONNX graphs with backend='onnxruntime'.")
 
 
-class _Logger:
-    """A TensorRT logger that keeps warnings and errors, to quote them in our errors."""
-
-    @staticmethod
-    def make(trt: Any) -> Any:
-        class CollectingLogger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.messages: list[str] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                if severity <= trt.ILogger.Severity.WARNING:
-                    self.messages.append(str(msg))
-
-        return CollectingLogger()
-
-
 class TensorRTExecutor:
     """Runs CallPlans on TensorRT engines; `trt` is the TensorRT module, `cuda` a cuda_runtime.CudaRuntime."""
 
@@ -81,7 +65,7 @@ class TensorRTExecutor:
         self.trt = trt
         self.cuda = cuda
         self.rtx = trt.__name__.startswith("tensorrt_rtx")
-        self.logger = _Logger.make(trt)
+        self.logger = collecting_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {role: self._deserialize(role, path) for role, path in engine_files.items()}
         self.plan: DevicePlan | None = None
@@ -92,7 +76,12 @@ class TensorRTExecutor:
         self._bound: dict[int, dict[str, Any]] = {}  # id(context) -> what was set last (shapes, addresses, profile)
 
     def _deserialize(self, role: str, path: Path) -> Any:
-        engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        import mmap
+
+        # mapped, not read: file pages can be dropped again (on Jetson's unified memory a read copy would hold the
+        # engine twice while TensorRT builds its own)
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            engine = self.runtime.deserialize_cuda_engine(mapped)
         if engine is None:
             raise BundleError(f"TensorRT ({self.trt.__name__} {self.trt.__version__}) could not load the {role} engine "
                               f"{Path(path).name}: {'; '.join(self.logger.messages[-3:]) or 'no message'}. Engines "
