@@ -228,6 +228,54 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
             click.echo("all files match their sha256")
 
 
+@main.command("compile")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prefill-opt", type=int,
+              help="TensorRT prefill profile's optimal length [default: the bundle's build value, else 128].")
+@click.option("--workspace-mb", type=int, help="TensorRT builder workspace limit in MiB.")
+@click.option("--timing-cache", help="TensorRT timing cache file (reused if present, updated after each build).")
+@click.option("--compute-capabilities", help="TensorRT-RTX only: comma-separated GPU targets, e.g. SM86,SM89.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace the engines the bundle already has (the old ones stay in use until the new ones are "
+                   "built and recorded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the bundle summary and the engines built as JSON.")
+def compile_command(bundle: Path, prefill_opt: int | None, workspace_mb: int | None, timing_cache: str | None,
+                    compute_capabilities: str | None, overwrite: bool, as_json: bool) -> None:
+    """Add TensorRT engines to an ONNX BUNDLE, with TensorRT alone (no torch, transformers or onnx).
+
+    \b
+    Export on a workstation, compile on the device (on a Jetson, TensorRT comes with JetPack):
+      spectrt build --target T --draft D --precision fp16 --out engines/my-pair   # workstation
+      spectrt compile engines/my-pair                                             # device
+
+    Builds one engine per model from the bundle's own ONNX graphs, each in a fresh process, with the profiles
+    `spectrt build --backend tensorrt` gives: prefill, plus one fixed K+1 profile per built width (target) or
+    fixed 1- and 2-token decode profiles (draft). Engines are strongly typed: their precision is the ONNX
+    graphs' (build the bundle with --precision fp16 for fp16 engines). Weight-quantized bundles (--quantize)
+    use ONNX Runtime ops TensorRT cannot parse and are refused. The bundle stays valid throughout: engines
+    are built into temporary files, and the hashed manifest is replaced only once they are complete.
+    """
+    from spectrt.compiler.engines import CompileConfig, compile_bundle
+
+    config = CompileConfig(prefill_opt=prefill_opt, workspace_mb=workspace_mb, timing_cache=timing_cache,
+                           compute_capabilities=tuple((compute_capabilities or "").split(",")), overwrite=overwrite)
+    result = compile_bundle(bundle, config)
+    engines = {role: {"path": record["path"], "size_bytes": result.manifest["files"][record["path"]]["size"],
+                      "module": record["module"], "version": record["version"],
+                      "build_seconds": record["build_seconds"], "profiles": [p["name"] for p in record["profiles"]]}
+               for role, record in result.engines.items()}
+    summary = build_summary(result.manifest, bundle) | {"compile_seconds": round(result.seconds, 1),
+                                                        "engines": engines}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for role, engine in engines.items():
+        click.echo(f"{role}: {engine['path']} ({_human_bytes(engine['size_bytes'])}, {engine['module']} "
+                   f"{engine['version']}, built in {engine['build_seconds']:.1f} s; profiles: "
+                   f"{', '.join(engine['profiles'])})")
+    click.echo(format_summary(summary))
+
+
 @main.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
@@ -463,6 +511,110 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
     config = ServeConfig(model_name=name or generator.manifest.name, max_queue=max_queue,
                          default_max_tokens=max_tokens, pacing=pacing, max_pacing_delay=max_pacing_delay)
     serve(generator, config, host=host, port=port, log_level=log_level)
+
+
+def _plan_choices() -> tuple[list[str], list[str]]:
+    from spectrt.runtime.memory_plan import BACKENDS, DEVICES  # light: numbers and dataclasses only
+
+    return list(BACKENDS), list(DEVICES)
+
+
+PLAN_BACKENDS, PLAN_DEVICES = _plan_choices()
+
+
+@main.command("plan")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--target", help="Recipe mode: the target model (Hugging Face folder, .gguf file or a fetched known name).")
+@click.option("--draft", help="Recipe mode: the draft model.")
+@click.option("--widths", help="Recipe mode: speculation widths, e.g. 2,4,8 [default: 2,4,8].")
+@click.option("--max-context", type=int, help="Recipe mode: max context of the bundle [default: 2048].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Recipe mode [default: fp32].")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), help="Recipe mode [default: none].")
+@click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4"]), help="Recipe mode [default: --quantize].")
+@click.option("--draft-vocab", type=int, help="Recipe mode: the draft's output layer covers N ids [default: 0 = all].")
+@click.option("--context", type=int, help="Tokens (prompt + output) to plan for [default: the max context]. ONNX "
+                                          "Runtime on CPU holds only the KV rows written; GPU arenas are always "
+                                          "allocated for the max context.")
+@click.option("--device", type=click.Choice(PLAN_DEVICES), help="Check the plan fits this Jetson (unified memory, "
+                                                                 "carve-outs and a headless OS reserved).")
+@click.option("--memory-gb", type=float, help="Check the plan fits this many GiB (all usable; device and host counted "
+                                              "together).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(PLAN_BACKENDS),
+              help="Plan only this backend (repeatable) [default: every backend the bundle can run on].")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (every term and its basis) as JSON.")
+def plan_command(source: Path | None, context: int | None, device: str | None, memory_gb: float | None,
+                 backends: tuple[str, ...], as_json: bool, **build_options: Any) -> None:
+    """Plan memory: weights, KV cache, activations and buffers per backend, and whether they fit a device.
+
+    SOURCE is a bundle folder, or a recipe (.toml) to plan before building it; or give --target and --draft
+    (and the other build options) instead. Recipe mode reads the models' configs only (config.json, or GGUF
+    metadata), never their weights. Every number says what it rests on (arithmetic, file size, a constant
+    measured on CPU, or an estimate); see spectrt/runtime/memory_plan.py.
+
+    \b
+    spectrt plan engines/qwen-coder-cpu --device orin-nano-8gb
+    spectrt plan engines/qwen-coder-cpu --context 512 --json
+    spectrt plan engines/recipes/qwen2.5-coder.toml --precision fp16 --device orin-nx-16gb
+    """
+    from spectrt.errors import ConfigError
+    from spectrt.runtime import memory_plan
+
+    target_device = memory_plan.device_named(device, memory_gb)
+    chosen = backends or memory_plan.BACKENDS
+    if source is not None and not source.exists():
+        raise ConfigError(f"'{source}' is neither a bundle folder nor a recipe file.")
+    given = {k: v for k, v in build_options.items() if v is not None}
+    if source is not None and source.is_dir():
+        if given:
+            raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in given)} describe a build; a bundle "
+                              f"folder already has its settings (plan a recipe or --target/--draft instead).")
+        plan = memory_plan.plan_bundle(source, context=context, backends=chosen, device=target_device)
+    else:
+        config = _plan_build_config(source, given)
+        sources = {role: _plan_model_path(getattr(config, role), role) for role in ("target", "draft")}
+        plan = memory_plan.plan_recipe(config.bundle_name(), sources, widths=config.widths,
+                                       max_context=config.max_context, precision=config.precision,
+                                       quantize={role: config.quantize_for(role) for role in sources},
+                                       draft_vocab=config.draft_vocab, context=context, backends=chosen,
+                                       device=target_device)
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        click.echo(memory_plan.format_plan(plan))
+
+
+def _plan_build_config(recipe: Path | None, given: dict[str, Any]) -> Any:
+    """The BuildConfig a `spectrt build` with the same recipe/options would use."""
+    from spectrt.compiler.config import BuildConfig, load_recipe, parse_widths
+    from spectrt.errors import ConfigError
+
+    if "widths" in given:
+        given["widths"] = parse_widths(given["widths"])
+    if recipe is not None:
+        return load_recipe(recipe, **given)
+    missing = [f"--{k}" for k in ("target", "draft") if k not in given]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required: pass a bundle folder, a recipe file, or --target and "
+                          f"--draft (see `spectrt plan --help`).")
+    return BuildConfig(**given)
+
+
+def _plan_model_path(name_or_path: str, role: str) -> Path:
+    """A model path as given, or a known model's fetched file (planning never downloads)."""
+    from spectrt.compiler.fetch import KNOWN_MODELS, default_cache_dir
+    from spectrt.errors import ConfigError
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path in KNOWN_MODELS:
+        cached = default_cache_dir() / KNOWN_MODELS[name_or_path].filename
+        if cached.is_file():
+            return cached
+        raise ConfigError(f"the {role} '{name_or_path}' is not fetched yet; planning reads its metadata but never "
+                          f"downloads: run `spectrt models fetch {name_or_path}` first.")
+    raise ConfigError(f"the {role} '{name_or_path}' is neither an existing path nor a known model name "
+                      f"(`spectrt models list`).")
 
 
 def _add_triton_command() -> None:

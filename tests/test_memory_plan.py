@@ -1,0 +1,289 @@
+"""The memory planner (runtime/memory_plan.py): its arithmetic, its device checks, and its ONNX Runtime CPU
+prediction against the measured peak RSS of a real generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from spectrt.cli import main
+from spectrt.errors import ConfigError
+from spectrt.runtime import memory_plan
+from spectrt.runtime.backends.device_plan import dynamic_profile, plan_memory
+from spectrt.runtime.kv_cache import KVCache
+from spectrt.runtime.manifest import read_manifest
+from spectrt.runtime.memory_plan import DEVICES, GiB, MiB, ModelShape, device_named, make_plan, plan_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A generation in a fresh process; prints its peak resident set (VmHWM: every page it ever had resident, weights
+# mapped from the bundle's files included) after loading and after generating.
+DRIVER = r"""
+import json, re, sys
+from spectrt.runtime.generator import Generator
+
+def peak():
+    with open("/proc/self/status") as handle:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", handle.read()).group(1)) * 1024
+
+bundle, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+generator = Generator(bundle)
+loaded = peak()
+result = generator.generate(prompt, max_new_tokens=new_tokens, draft="model")
+print(json.dumps({"peak": peak(), "after_load": loaded, "prompt_tokens": len(result.prompt_token_ids),
+                  "new_tokens": len(result.token_ids)}))
+"""
+
+PARAGRAPH = ("Speculative decoding lets a small draft model propose several tokens which the large target model "
+             "then checks in a single forward pass. When the draft agrees with the target, many tokens are accepted "
+             "at once; when it does not, the target's own token is used and the rejected rows of the cache are "
+             "simply forgotten by moving the cache length back. ")
+
+
+def qwen_like(role: str = "target", **changes) -> ModelShape:
+    """Qwen2.5-Coder-1.5B's numbers as the qwen-coder-cpu bundle records them (fp32, no quantization)."""
+    shape = ModelShape(role=role, num_layers=28, hidden_size=1536, num_heads=12, num_kv_heads=2, head_dim=128,
+                       intermediate_size=8960, vocab=151936, output_rows=151936, tie_word_embeddings=False,
+                       attention_bias=True, precision="fp32", quantize="none", block_size=32, max_context=2048,
+                       logits_rows=9 if role == "target" else 1, widths=(1, 2, 4, 8) if role == "target" else ())
+    return replace(shape, **changes)
+
+
+# -- arithmetic -----------------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_bytes_are_what_the_runtime_allocates():
+    shape = qwen_like()
+    assert shape.kv_bytes(2048) == 28 * 2 * 2048 * 2 * 128 * 4 == 117_440_512
+    small = qwen_like(num_layers=3, num_kv_heads=2, head_dim=16, precision="fp16", max_context=64)
+    assert small.kv_bytes(64) == KVCache(3, 64, 2, 16, "fp16").nbytes
+    geometry = small.geometry()
+    arena = plan_memory([(geometry, (dynamic_profile(geometry),))])
+    assert arena.breakdown()["kv_cache"] == small.kv_bytes(64)  # the device arena holds the same caches
+
+
+def _entries(bundle: Path) -> dict[str, ModelShape]:
+    manifest = read_manifest(bundle)
+    return {e.role: memory_plan.shape_from_entry(manifest, e) for e in (manifest.target, manifest.draft)}
+
+
+def test_weight_arithmetic_is_the_external_data_file_the_build_writes(tiny_bundle):
+    from spectrt.runtime.backends.planned import geometry
+
+    manifest = read_manifest(tiny_bundle)
+    for role, shape in _entries(tiny_bundle).items():
+        assert shape.data_file_bytes() == (tiny_bundle / f"{role}.onnx.data").stat().st_size, role
+        assert shape.geometry() == geometry(getattr(manifest, role)), role  # the executors' own device plan
+
+
+def test_quantized_weight_arithmetic_counts_scales_zero_points_and_the_reduced_draft_vocab(tiny_llama_pair, tmp_path):
+    from spectrt.compiler.build import build_bundle
+    from spectrt.compiler.config import BuildConfig
+    from spectrt.compiler.progress import Progress
+
+    target, draft = tiny_llama_pair
+    out = tmp_path / "q4"
+    build_bundle(BuildConfig(target=str(target), draft=str(draft), widths=(1, 3), max_context=64, quantize="int4",
+                             draft_vocab=200, validate=False, out=str(out)), progress=Progress(quiet=True))
+    shapes = _entries(out)
+    assert shapes["target"].quantize == "int4" and shapes["draft"].output_rows < shapes["draft"].vocab
+    for role, shape in shapes.items():
+        assert shape.data_file_bytes() == (out / f"{role}.onnx.data").stat().st_size, role
+    # recipe mode on the same folders: the same shapes (hence the same arithmetic)
+    recipe = memory_plan.plan_recipe("q4", {"target": target, "draft": draft}, widths=(1, 3), max_context=64,
+                                     precision="fp32", quantize={"target": "int4", "draft": "int4"}, draft_vocab=200)
+    for role, shape in shapes.items():
+        assert replace(recipe.models[role], weight_file_bytes=None) == replace(shape, weight_file_bytes=None), role
+
+
+def test_recipe_mode_agrees_with_bundle_mode_on_the_smollm2_pair(smollm2_gguf, smollm2_layer_skip_draft,
+                                                                 smollm2_bundle):
+    """GGUF metadata (target) and a Hugging Face config.json (draft) give the shapes the build recorded; the weights
+    from the arithmetic agree with the bundle's file sizes."""
+    bundle = plan_bundle(smollm2_bundle)
+    recipe = memory_plan.plan_recipe("smollm2", {"target": smollm2_gguf, "draft": smollm2_layer_skip_draft},
+                                     widths=(1, 2, 4), max_context=512, precision="fp32",
+                                     quantize={"target": "none", "draft": "none"})
+    for role in ("target", "draft"):
+        from_files, from_configs = bundle.models[role], recipe.models[role]
+        assert replace(from_configs, weight_file_bytes=None) == replace(from_files, weight_file_bytes=None), role
+        assert from_configs.weight_bytes() == pytest.approx(from_files.weight_bytes(), rel=0.01), role
+    for backend in ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"):
+        assert recipe.backend(backend).total == pytest.approx(bundle.backend(backend).total, rel=0.03), backend
+
+
+QWEN_BUNDLE = ROOT / "engines" / "qwen-coder-cpu"
+QWEN_RECIPE = ROOT / "engines" / "recipes" / "qwen2.5-coder-cpu.toml"
+
+
+def test_recipe_and_bundle_of_the_qwen_cpu_pair_agree_through_the_cli():
+    """int4 weights with int8 output layers and the draft's reduced vocabulary, from the GGUF files' metadata."""
+    from spectrt.compiler.fetch import KNOWN_MODELS, default_cache_dir
+
+    names = ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
+    if not (QWEN_BUNDLE / "manifest.json").is_file() or not all(
+            (default_cache_dir() / KNOWN_MODELS[n].filename).is_file() for n in names):
+        pytest.skip("needs engines/qwen-coder-cpu built and both Qwen GGUF files fetched")
+    runner = CliRunner()
+    plans = {}
+    for source in (QWEN_BUNDLE, QWEN_RECIPE):
+        result = runner.invoke(main, ["plan", str(source), "--json"])
+        assert result.exit_code == 0, result.output
+        plans[source] = json.loads(result.output)
+    bundle, recipe = plans[QWEN_BUNDLE], plans[QWEN_RECIPE]
+    assert set(bundle["backends"]) == set(recipe["backends"]) == {"onnxruntime-cpu", "onnxruntime-cuda"}
+    for role in ("target", "draft"):
+        files = bundle["models"][role]["weight_file_bytes"]
+        assert recipe["models"][role]["weight_file_bytes"] is None and files == bundle["models"][role]["weight_bytes"]
+        assert recipe["models"][role]["weight_bytes"] == pytest.approx(files, rel=0.01), role
+    assert recipe["backends"]["onnxruntime-cpu"]["total_bytes"] == \
+        pytest.approx(bundle["backends"]["onnxruntime-cpu"]["total_bytes"], rel=0.03)
+
+
+def test_activation_estimate_grows_with_the_call_and_tensorrt_plans_for_its_profile_maxima():
+    shape = qwen_like()
+    assert shape.activation_bytes(1, 100) < shape.activation_bytes(9, 100) < shape.activation_bytes(512, 0)
+    assert shape.largest_call(context=2048, prefill=2000) == (2000, 0)
+    assert shape.largest_call(context=2048, prefill=1) == (9, 2039)  # the widest verification at the end
+    nbytes, why = memory_plan.tensorrt_activation_estimate(shape)
+    assert nbytes == shape.activation_bytes(2048, 2047) and "2048 new after 2047 cached" in why
+    # the scores [heads, S+1, T] fp32 (and their softmax) dominate a long prefill
+    assert nbytes > 2 * 12 * 2049 * 4095 * 4
+
+
+# -- plans and devices ----------------------------------------------------------------------------------------------
+
+
+def _plan(**changes) -> memory_plan.MemoryPlan:
+    models = {"target": qwen_like(**changes), "draft": qwen_like("draft", num_layers=24, hidden_size=896,
+                                                                 num_heads=14, head_dim=64, intermediate_size=4864)}
+    return make_plan("qwen-fp32", "test", models, tokenizer_bytes=11 << 20)
+
+
+def test_gpu_plans_hold_the_device_arena_and_a_cpu_plan_only_host_memory():
+    plan = _plan()
+    cpu, cuda, trt = (plan.backend(b) for b in ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"))
+    assert cpu.device_bytes == 0 and cpu.host_bytes == cpu.total
+    kv = sum(shape.kv_bytes(2048) for shape in plan.models.values())
+    assert cpu.term("kv_cache") == cuda.term("kv_cache") == trt.term("kv_cache") == kv
+    arena = plan_memory([(s.geometry(), (dynamic_profile(s.geometry()),)) for s in plan.models.values()]).breakdown()
+    for name in ("staging", "logits", "token_ids"):
+        assert cuda.term(name) == arena[name]
+    assert cuda.device_bytes > cuda.term("weights") > 0 and cuda.host_bytes > 0
+    assert trt.term("activations") == max(memory_plan.tensorrt_activation_estimate(s)[0] for s in plan.models.values())
+
+
+def test_a_shorter_context_needs_less_host_memory_on_cpu_but_the_same_device_arena():
+    full, short = _plan(), make_plan("q", "test", _plan().models, tokenizer_bytes=11 << 20, context=256)
+    assert short.backend("onnxruntime-cpu").total < full.backend("onnxruntime-cpu").total
+    assert short.backend("onnxruntime-cuda").term("kv_cache") == full.backend("onnxruntime-cuda").term("kv_cache")
+    with pytest.raises(ConfigError, match="context 4096"):
+        make_plan("q", "test", _plan().models, tokenizer_bytes=0, context=4096)
+
+
+def test_named_devices_reserve_carveouts_and_the_os():
+    nano, thor = DEVICES["orin-nano-8gb"], DEVICES["agx-thor-128gb"]
+    assert nano.usable == 7620 * MiB - 1 * GiB
+    assert nano.usable < DEVICES["orin-nx-16gb"].usable < DEVICES["agx-orin-64gb"].usable < thor.usable < 128 * GiB
+
+
+def test_fit_decisions_follow_the_device_and_memory_gb():
+    plan = _plan()  # fp32 Qwen pair: 8-9 GiB of weights
+    for name, fits in (("orin-nano-8gb", False), ("agx-orin-64gb", True)):
+        checked = make_plan("q", "test", plan.models, tokenizer_bytes=0, device=device_named(name, None))
+        assert all(checked.fits(b.backend) is fits for b in checked.backends), name
+    nx = make_plan("q", "test", plan.models, tokenizer_bytes=0, device=device_named("orin-nx-16gb", None))
+    assert nx.fits("onnxruntime-cpu") and nx.fits("onnxruntime-cuda")
+    # TensorRT reads a whole engine file into host memory before deserializing it: on unified memory the weights
+    # are there twice while loading
+    trt = nx.backend("tensorrt")
+    assert trt.peak_phase == "load" and trt.term("load") == plan.models["target"].weight_bytes()
+    assert not nx.fits("tensorrt")
+    total = plan.backend("onnxruntime-cpu").total
+    just_enough = device_named(None, total / GiB + 0.01)
+    too_little = device_named(None, total / GiB - 0.01)
+    assert just_enough.reserved == 0 and just_enough.usable >= total
+    assert make_plan("q", "t", plan.models, tokenizer_bytes=11 << 20, device=just_enough).fits("onnxruntime-cpu")
+    assert not make_plan("q", "t", plan.models, tokenizer_bytes=11 << 20, device=too_little).fits("onnxruntime-cpu")
+    assert plan.fits("onnxruntime-cpu") is None  # no device given
+
+
+@pytest.mark.parametrize("name, memory_gb, message", [("orin-nano-8gb", 8.0, "not both"), (None, 0.0, "positive"),
+                                                      ("jetson-tx2", None, "unknown")])
+def test_device_choice_errors_say_what_to_do(name, memory_gb, message):
+    with pytest.raises(ConfigError, match=message):
+        device_named(name, memory_gb)
+
+
+def test_cli_plans_a_bundle_and_checks_a_device(tiny_bundle):
+    runner = CliRunner()
+    result = runner.invoke(main, ["plan", str(tiny_bundle), "--device", "orin-nano-8gb"])
+    assert result.exit_code == 0, result.output
+    assert "fits orin-nano-8gb" in result.output and "NO" not in result.output
+    assert "onnxruntime-cpu" in result.output and "KV cache" in result.output
+    result = runner.invoke(main, ["plan", str(tiny_bundle), "--memory-gb", "0.05", "--json", "--backend",
+                                  "onnxruntime-cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert list(data["backends"]) == ["onnxruntime-cpu"] and data["backends"]["onnxruntime-cpu"]["fits"] is False
+    assert data["device"]["usable"] == int(0.05 * GiB)
+
+
+def test_cli_plans_a_recipe_before_building(tiny_llama_pair, tmp_path):
+    target, draft = tiny_llama_pair
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f'target = "{target}"\ndraft = "{draft}"\nwidths = [1, 2]\nmax_context = 96\n')
+    runner = CliRunner()
+    result = runner.invoke(main, ["plan", str(recipe), "--json", "--precision", "fp16"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["models"]["target"]["max_context"] == 96 and data["models"]["draft"]["precision"] == "fp16"
+    options = runner.invoke(main, ["plan", "--target", str(target), "--draft", str(draft), "--widths", "1,2",
+                                   "--max-context", "96", "--precision", "fp16", "--json"])
+    assert options.exit_code == 0, options.output
+    assert json.loads(options.output)["backends"] == data["backends"]
+    missing = runner.invoke(main, ["plan", "--target", str(target)])
+    assert missing.exit_code == 2 and "--draft" in missing.output
+
+
+# -- measured -------------------------------------------------------------------------------------------------------
+
+
+def _prompt_of(bundle: Path, tokens: int) -> str:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    ids = tokenizer.encode(PARAGRAPH * 20).ids[:tokens]
+    return tokenizer.decode(ids)
+
+
+def measure_generation(bundle: Path, prompt: str, new_tokens: int, cache: Path) -> dict[str, int]:
+    """Peak RSS of a generation in a fresh process (its verified-files record kept in `cache`)."""
+    env = os.environ | {"SPECTRT_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-c", DRIVER, str(bundle), prompt, str(new_tokens)], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_prediction_is_within_15_percent_of_measured_peak_rss(smollm2_bundle, tmp_path):
+    """SmolLM2-135M fp32 target + its 27-layer draft, a prompt of ~440 tokens of the 512-token context: the
+    planner's onnxruntime-cpu total for that context and prefill against the process's VmHWM."""
+    new_tokens = 40
+    measured = measure_generation(smollm2_bundle, _prompt_of(smollm2_bundle, 440), new_tokens, tmp_path)
+    context = measured["prompt_tokens"] + measured["new_tokens"]
+    plan = plan_bundle(smollm2_bundle, context=context, prefill=measured["prompt_tokens"],
+                       backends=["onnxruntime-cpu"])
+    predicted = plan.backend("onnxruntime-cpu").total
+    error = predicted / measured["peak"] - 1
+    print(f"\nSmolLM2 pair: prompt {measured['prompt_tokens']} + {measured['new_tokens']} tokens: measured peak "
+          f"{measured['peak'] / MiB:.0f} MiB (after load {measured['after_load'] / MiB:.0f} MiB), predicted "
+          f"{predicted / MiB:.0f} MiB ({error:+.1%})")
+    assert abs(error) <= 0.15, memory_plan.format_plan(plan)
