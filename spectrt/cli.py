@@ -305,12 +305,18 @@ def compile_command(bundle: Path, prefill_opt: int | None, workspace_mb: int | N
                    "rejection (residual rejection sampling: highest acceptance).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="tensorrt: the bundle's engines on the GPU; auto: tensorrt when the bundle has engines and "
+                   "TensorRT and a GPU are here, else onnxruntime.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "cpu-planned"]), default="auto", show_default=True,
+              help="ONNX Runtime backend: cpu (host memory), cuda (the KV cache stays on the GPU), cpu-planned (host "
+                   "memory through the GPU executors' memory plan: for checking it), auto (cuda when it can run here).")
 @click.option("--json", "as_json", is_flag=True, help="Print text, finish reason and all metrics as JSON.")
 def generate_command(bundle: Path, prompt: str | None, chat_message: str | None, max_new_tokens: int, stream: bool,
                      draft: str, width: str, json_schema: str | None, regex: str | None, grammar: str | None,
                      choices: tuple[str, ...], temperature: float, top_k: int, top_p: float, seed: int | None,
-                     accept: str, stop: tuple[str, ...], threads: int, backend: str, as_json: bool) -> None:
+                     accept: str, stop: tuple[str, ...], threads: int, backend: str, provider: str,
+                     as_json: bool) -> None:
     """Generate text from BUNDLE with speculative decoding.
 
     \b
@@ -327,7 +333,7 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
                             seed=seed, accept=accept, stop=stop, draft=draft, width=width,
                             json_schema=_text_or_file(json_schema, "--json-schema"), regex=regex,
                             grammar=_text_or_file(grammar, "--grammar"), choice=choices or None)
-    generator = Generator(bundle, backend=backend, threads=threads,
+    generator = Generator(bundle, backend=backend, threads=threads, provider=provider,
                           load_draft=draft in ("auto", "model", "grammar+model"))
     messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
     texts, token_ids, final = [], [], None
@@ -487,10 +493,13 @@ def demo_command(small: bool, max_new_tokens: int, prompt: str | None) -> None:
 @click.option("--max-pacing-delay", type=float, default=0.25, show_default=True, help="Seconds.")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "cpu-planned"]), default="auto", show_default=True,
+              help="ONNX Runtime backend: cpu, cuda (KV cache on the GPU) or auto (cuda when it can run here).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queue: int, max_tokens: int,
-                  pacing: str, max_pacing_delay: float, threads: int, backend: str, log_level: str) -> None:
+                  pacing: str, max_pacing_delay: float, threads: int, backend: str, provider: str,
+                  log_level: str) -> None:
     """Serve BUNDLE over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models), with
     /health and Prometheus /metrics.
 
@@ -507,7 +516,7 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
         raise ConfigError(f"spectrt serve needs the serving extra: pip install 'spectrt[serve]' ({exc}).") from None
     if max_queue < 0 or max_tokens < 1 or max_pacing_delay < 0:
         raise ConfigError("--max-queue must be >= 0, --max-tokens >= 1 and --max-pacing-delay >= 0.")
-    generator = Generator(bundle, backend=backend, threads=threads)
+    generator = Generator(bundle, backend=backend, threads=threads, provider=provider)
     config = ServeConfig(model_name=name or generator.manifest.name, max_queue=max_queue,
                          default_max_tokens=max_tokens, pacing=pacing, max_pacing_delay=max_pacing_delay)
     serve(generator, config, host=host, port=port, log_level=log_level)

@@ -332,3 +332,19 @@ def test_tensorrt_executor_runs_the_plan_within_tensorrts_rules(tiny_bundle, ref
     assert len(draft_contexts) == len(trt.engines["draft"].profiles) >= 2  # prefill, decode (and decode of 2 tokens)
     assert all(c.calls for c in draft_contexts), "every draft profile ran"
     assert cuda.synchronized > 0
+
+
+def test_cli_backend_tensorrt_fails_in_one_line_and_cpu_planned_generates_the_same_text(tiny_bundle):
+    from click.testing import CliRunner
+
+    from spectrt.cli import main
+
+    runner = CliRunner()
+    failed = runner.invoke(main, ["generate", str(tiny_bundle), "hello", "--backend", "tensorrt"])
+    assert failed.exit_code == 2 and "error: the TensorRT backend cannot run here" in failed.output
+    assert "Traceback" not in failed.output
+    outputs = [runner.invoke(main, ["generate", str(tiny_bundle), "the cat", "--max-new-tokens", "12", "--json",
+                                    "--provider", provider, "--threads", "1"]) for provider in ("cpu", "cpu-planned")]
+    assert all(r.exit_code == 0 for r in outputs), [r.output for r in outputs]
+    cpu, planned_ = (json.loads(r.output) for r in outputs)
+    assert cpu["token_ids"] == planned_["token_ids"] and len(cpu["token_ids"]) == 12
