@@ -55,6 +55,8 @@ class CostModel:
     stale_after: int = 64  # rounds after which a width next to the chosen one is measured again (old value dropped)
     draft_cost: float | None = None  # one draft decode step
     catch_up_cost: float | None = None  # per token a draft reads in one catch-up call, beyond one draft step
+    catch_up_seconds: float = 0.0  # decayed sums behind catch_up_cost (token-weighted: long reads cost more
+    catch_up_tokens: float = 0.0  # per token than short ones, attention over a longer prefix, and must count more)
     verify_cost: dict[int, float] = field(default_factory=dict)  # k -> one round without its drafting (target call
     # with k+1 tokens, acceptance, commit): plain decoding (k = 0) is priced the same way
     rounds: int = 0  # rounds recorded so far (the clock of `measured_at`)
@@ -80,8 +82,10 @@ class CostModel:
     def record_catch_up(self, tokens: int, seconds: float) -> None:
         """The draft read `tokens` committed tokens it had not seen (after plain rounds, or the prompt) in `seconds`."""
         if tokens > 2:  # 1 or 2 are fed with the next proposal step at no extra call
-            per_token = max(0.0, seconds - (self.draft_cost or 0.0)) / tokens
-            self.catch_up_cost = self._ema(self.catch_up_cost, per_token)
+            keep = 1 - self.smoothing
+            self.catch_up_seconds = keep * self.catch_up_seconds + max(0.0, seconds - (self.draft_cost or 0.0))
+            self.catch_up_tokens = keep * self.catch_up_tokens + tokens
+            self.catch_up_cost = self.catch_up_seconds / self.catch_up_tokens
 
     def catch_up_estimate(self, tokens: int) -> float:
         """Seconds for the draft to read `tokens` unseen committed tokens before it can propose (0 if none or cheap)."""
@@ -179,10 +183,11 @@ class WidthScheduler:
     - Speculation is chosen only if its expected speed-up is at least 1 + `margin` (estimates are noisy, and a
       wrong switch costs more than a missed one). To switch from plain decoding to a model draft, it must promise
       at least 1 + `start_margin`, and when the draft must first read tokens it has not seen (the prompt, or the
-      output of plain rounds) the expected saving over the remaining budget must pay for that catch-up: a few
-      accepted probes make the acceptance estimate jump, and a speed-up of a few percent predicted from them was
-      measured as a loss (Qwen2.5-Coder 1.5B int4 with its 0.5B draft on 2 cores, a draft step half a target
-      step: `auto` 7-12% slower than plain decoding on chat prompts without the start margin).
+      output of plain rounds) the expected saving over the remaining budget must pay `switch_safety` times for
+      that catch-up: a few accepted probes make the acceptance estimate jump, and a speed-up of a few percent
+      predicted from them was measured as a loss (Qwen2.5-Coder 1.5B int4 with its 0.5B draft on 2 cores: `auto`
+      7-12% slower than plain decoding on chat prompts without the start margin, 8% on extraction prompts when
+      a 1 s read of a 200-token prompt was priced from short catch-ups and paid only once).
     - While plain decoding is chosen, a probe with the smallest width now and then refreshes the acceptance
       estimate: after `probe_every` plain rounds, then at doubling intervals (up to `max_probe_interval`) while
       probes do not turn speculation on; never when the draft's catch-up would cost more than `probe_budget`
@@ -194,7 +199,7 @@ class WidthScheduler:
 
     def __init__(self, built_widths: tuple[int, ...], width: str | int = "auto", *, probe_every: int = 16,
                  max_probe_interval: int = 256, probe_budget: float = 4.0, margin: float = 0.05,
-                 start_margin: float = 0.15,
+                 start_margin: float = 0.15, switch_safety: float = 2.0,
                  costs: CostModel | None = None, acceptance: AcceptanceEstimate | None = None):
         self.built = tuple(sorted(built_widths))
         self.costs = costs or CostModel()
@@ -204,6 +209,7 @@ class WidthScheduler:
         self.probe_budget = probe_budget
         self.margin = margin
         self.start_margin = start_margin
+        self.switch_safety = switch_safety
         self.last_width: int | None = None  # the width chosen for the latest round
         self.speculating = False  # the latest round speculated because it paid (not a probe, not a re-measurement)
         if width == "auto":
@@ -240,7 +246,7 @@ class WidthScheduler:
         switch_cost = costs.catch_up_estimate(draft_lag) if model_draft else 0.0
         saving = limit * plain * (1.0 - 1.0 / speeds[best_k]) if speeds[best_k] > 0 else 0.0
         needed = 1.0 + (self.start_margin if model_draft and not self.speculating else self.margin)
-        if speeds[best_k] < needed or saving < switch_cost:
+        if speeds[best_k] < needed or saving < self.switch_safety * switch_cost:
             self.speculating = False
             return self._plain_or_probe(candidates[0], plain, switch_cost)
         self.speculating = True

@@ -77,9 +77,9 @@ def test_auto_weighs_the_drafts_catch_up_against_the_remaining_budget():
         return WidthScheduler((2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.8)).width(
             limit=limit, draft_lag=lag)
     assert choose(10, 2) == 4  # fed with the next draft step: free
-    assert choose(10, 400) == 4  # 0.05 + 4.0 s to catch up, less than the saving
-    assert choose(10, 600) == 0  # 6.05 s: more than it saves over 10 tokens
-    assert choose(100, 600) == 4  # ...but not over 100
+    assert choose(10, 200) == 4  # 0.05 + 2.0 s to catch up: the saving pays for it twice (the safety factor)
+    assert choose(10, 400) == 0  # 4.05 s: the saving pays for it only once
+    assert choose(100, 400) == 4  # ...but 10 times over 100 tokens
     assert choose(10, 600) == 0 and choose(10, 600) == 0  # the same request keeps decoding plainly
 
 
@@ -224,3 +224,7 @@ def test_catch_up_cost_is_learned_per_token_beyond_one_draft_step():
     costs.record_catch_up(100, 0.22)
     assert costs.catch_up_cost == pytest.approx(0.002)
     assert costs.catch_up_estimate(50) == pytest.approx(0.02 + 0.1)
+    for _ in range(5):  # many short, cheap catch-ups do not hide what a long read costs per token
+        costs.record_catch_up(10, 0.02 + 0.005)
+    costs.record_catch_up(400, 0.02 + 2.0)
+    assert costs.catch_up_cost > 0.004

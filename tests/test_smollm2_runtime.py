@@ -42,8 +42,9 @@ def test_greedy_speculative_equals_transformers(generator, references, draft, wi
         assert result.token_ids == expected, prompt
         drafted += result.metrics.drafted_tokens
         rejected += sum(n for _, n in result.metrics.rejected_spans)
-    if draft == "model":
-        assert drafted > 0 and 0 < rejected < drafted  # the 27-layer draft both hits and misses
+    if draft == "model" and width != "auto":  # auto: this draft costs ~0.9 of a target step, so auto may
+        assert drafted > 0 and 0 < rejected < drafted  # (rightly) hardly speculate; at fixed widths the 27-layer
+        # draft both hits and misses
 
 
 def test_chat_stream_ends_on_eos(smollm2_bundle):
