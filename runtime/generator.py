@@ -132,9 +132,9 @@ def _make_decoders(manifest: Manifest, entries: dict[str, ModelEntry], backend: 
             manifest.file(entry.onnx_data)  # onnxruntime opens the external data itself: it must stay inside too
     from .backends.onnxruntime_backend import OrtDecoder, OrtOptions
 
-    options = OrtOptions(threads=threads, provider=provider)
     if provider == "auto":
         provider = "cuda" if _cuda_path_available() else "cpu"
+    options = OrtOptions(threads=threads, provider="cpu" if provider == "cpu-planned" else provider)
     if provider == "cuda":
         from .backends.planned import load_cuda_planned
 
@@ -143,7 +143,6 @@ def _make_decoders(manifest: Manifest, entries: dict[str, ModelEntry], backend: 
         from .backends.planned import load_host_planned
 
         return load_host_planned(entries, onnx_files, options)
-    options = OrtOptions(threads=threads, provider="cpu")
     return {role: OrtDecoder(onnx_files[role], num_layers=entry.num_layers, kv_heads=entry.num_kv_heads,
                              head_dim=entry.head_dim, precision=entry.precision, max_context=entry.max_context,
                              vocab=entry.logits_vocab, options=options, role=entry.role,

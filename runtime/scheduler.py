@@ -54,9 +54,9 @@ class CostModel:
     smoothing: float = 0.3
     stale_after: int = 64  # rounds after which a width next to the chosen one is measured again (old value dropped)
     draft_cost: float | None = None  # one draft decode step
-    catch_up_cost: float | None = None  # per token a draft reads in one catch-up call, beyond one draft step
-    catch_up_seconds: float = 0.0  # decayed sums behind catch_up_cost (token-weighted: long reads cost more
-    catch_up_tokens: float = 0.0  # per token than short ones, attention over a longer prefix, and must count more)
+    catch_up_seconds: float = 0.0  # decayed sums of catch-up calls (their time beyond one draft step, and the
+    catch_up_tokens: float = 0.0  # tokens read): token-weighted, since long reads cost more per token than short
+    # ones (attention over a longer prefix) and must count more
     verify_cost: dict[int, float] = field(default_factory=dict)  # k -> one round without its drafting (target call
     # with k+1 tokens, acceptance, commit): plain decoding (k = 0) is priced the same way
     rounds: int = 0  # rounds recorded so far (the clock of `measured_at`)
@@ -85,7 +85,11 @@ class CostModel:
             keep = 1 - self.smoothing
             self.catch_up_seconds = keep * self.catch_up_seconds + max(0.0, seconds - (self.draft_cost or 0.0))
             self.catch_up_tokens = keep * self.catch_up_tokens + tokens
-            self.catch_up_cost = self.catch_up_seconds / self.catch_up_tokens
+
+    @property
+    def catch_up_cost(self) -> float | None:
+        """Seconds per token a draft reads in one catch-up call, beyond one draft step (None: none measured)."""
+        return self.catch_up_seconds / self.catch_up_tokens if self.catch_up_tokens else None
 
     def catch_up_estimate(self, tokens: int) -> float:
         """Seconds for the draft to read `tokens` unseen committed tokens before it can propose (0 if none or cheap)."""

@@ -71,7 +71,7 @@ def test_auto_needs_a_margin_over_plain_decoding():
 
 
 def test_auto_weighs_the_drafts_catch_up_against_the_remaining_budget():
-    costs = CostModel(draft_cost=0.05, catch_up_cost=0.01, verify_cost={0: 1.0, 2: 1.1, 4: 1.3})
+    costs = CostModel(draft_cost=0.05, catch_up_seconds=0.01, catch_up_tokens=1.0, verify_cost={0: 1.0, 2: 1.1, 4: 1.3})
     # a=0.8, k=4: 3.36 tokens for 1.5 -> 2.24x; over 10 tokens that saves 5.5 plain steps
     def choose(limit, lag):
         return WidthScheduler((2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.8)).width(
@@ -84,7 +84,7 @@ def test_auto_weighs_the_drafts_catch_up_against_the_remaining_budget():
 
 
 def test_switching_from_plain_to_a_model_draft_needs_a_larger_promise_than_going_on():
-    costs = CostModel(draft_cost=0.5, catch_up_cost=0.001, verify_cost={0: 1.0, 1: 1.13})
+    costs = CostModel(draft_cost=0.5, catch_up_seconds=0.001, catch_up_tokens=1.0, verify_cost={0: 1.0, 1: 1.13})
     # a=0.8, k=1: 1.8 tokens for 1.63 -> 1.10x: enough to go on speculating, not to start
     scheduler = WidthScheduler((1,), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.8))
     assert scheduler.width(limit=100, draft_lag=2) == 0  # the draft has just read everything: still not a start
@@ -98,7 +98,7 @@ def test_switching_from_plain_to_a_model_draft_needs_a_larger_promise_than_going
 
 
 def test_a_probe_is_skipped_when_the_draft_would_first_read_a_long_prompt():
-    costs = CostModel(draft_cost=0.5, catch_up_cost=0.05, verify_cost={0: 1.0, 2: 1.2})
+    costs = CostModel(draft_cost=0.5, catch_up_seconds=0.05, catch_up_tokens=1.0, verify_cost={0: 1.0, 2: 1.2})
     scheduler = WidthScheduler((2,), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.1))
     assert [scheduler.width(limit=100, draft_lag=1000) for _ in range(40)] == [0] * 40  # 50 s: never probed
     assert scheduler.width(limit=100, draft_lag=20) == 2  # 1.5 s: within 4 plain steps, the due probe runs

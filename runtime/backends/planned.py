@@ -23,7 +23,8 @@ from spectrt.errors import BundleError
 
 from ..kv_cache import NP_DTYPES, RowCounter
 from .base import CacheBookkeeping
-from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelGeometry, ModelLayout, Profile, plan_step
+from .device_plan import (ALIGNMENT, CallPlan, Copy, DevicePlan, ModelGeometry, ModelLayout, Profile, dynamic_profile,
+                          plan_memory, plan_step)
 
 
 class Executor(Protocol):
@@ -106,25 +107,37 @@ class HostOrtExecutor:
             dtype = np.float32 if name == "logits" else kv_dtype
             binding.bind_output(name, self.device, 0, dtype, shape, self.base + call.addresses[name])
         session.run_with_iobinding(binding)
-        for copy in call.copies:
+        self._copy_rows(call.copies)
+
+    def _copy_rows(self, copies: tuple[Copy, ...]) -> None:
+        """The plan's copies after a call: staged K/V rows into the cache."""
+        for copy in copies:
             ctypes.memmove(self.base + copy.destination, self.base + copy.source, copy.nbytes)
 
     def read_logits(self, layout: ModelLayout, rows: int) -> np.ndarray:
         return self._view(layout.logits.offset, np.float32, (rows, layout.geometry.vocab))
 
 
-def load_host_planned(entries: dict[str, Any], onnx_files: dict[str, Path], options: Any) -> dict[str, PlannedDecoder]:
-    """Planned decoders for `entries` (role -> ModelEntry) on one host arena."""
-    from .device_plan import dynamic_profile, plan_memory
+def decoders_on(plan: DevicePlan, executor: Any) -> dict[str, PlannedDecoder]:
+    """Give `executor` the arena of `plan`, and one PlannedDecoder per model of it."""
+    executor.allocate(plan)
+    return {role: PlannedDecoder(layout, executor) for role, layout in plan.models.items()}
+
+
+def _ort_planned(entries: dict[str, Any], onnx_files: dict[str, Path], options: Any, providers: list[str],
+                 make_executor: Any) -> dict[str, PlannedDecoder]:
+    """Checked ONNX Runtime sessions for `entries` on `providers`, one arena for all (one dynamic profile each)."""
     from .onnxruntime_backend import open_checked_session
 
-    sessions = {role: open_checked_session(onnx_files[role], entry, options, providers=["CPUExecutionProvider"])
+    sessions = {role: open_checked_session(onnx_files[role], entry, options, providers=providers)
                 for role, entry in entries.items()}
-    geometries = {role: geometry(entry) for role, entry in entries.items()}
-    plan = plan_memory([(g, (dynamic_profile(g),)) for g in geometries.values()])
-    executor = HostOrtExecutor(sessions)
-    executor.allocate(plan)
-    return {role: PlannedDecoder(plan.models[role], executor) for role in entries}
+    geometries = [geometry(entry) for entry in entries.values()]
+    return decoders_on(plan_memory([(g, (dynamic_profile(g),)) for g in geometries]), make_executor(sessions))
+
+
+def load_host_planned(entries: dict[str, Any], onnx_files: dict[str, Path], options: Any) -> dict[str, PlannedDecoder]:
+    """Planned decoders for `entries` (role -> ModelEntry) on one host arena."""
+    return _ort_planned(entries, onnx_files, options, ["CPUExecutionProvider"], HostOrtExecutor)
 
 
 def profiles_from_manifest(entry: Any, activation_bytes: dict[int, int]) -> tuple[Profile, ...]:
@@ -168,11 +181,9 @@ class CudaOrtExecutor(HostOrtExecutor):
                          MEMCPY_HOST_TO_DEVICE)
         self.cuda.synchronize()  # a pageable H2D copy may return before its DMA ends; ORT runs on its own stream
 
-    def run(self, call: CallPlan) -> None:
+    def _copy_rows(self, copies: tuple[Copy, ...]) -> None:
         from .cuda_runtime import MEMCPY_DEVICE_TO_DEVICE
 
-        copies, call = call.copies, _without_copies(call)
-        super().run(call)
         for copy in copies:
             self.cuda.memcpy(self.base + copy.destination, self.base + copy.source, copy.nbytes,
                              MEMCPY_DEVICE_TO_DEVICE)
@@ -203,17 +214,10 @@ class CudaOrtExecutor(HostOrtExecutor):
             pass
 
 
-def _without_copies(call: CallPlan) -> CallPlan:
-    from dataclasses import replace
-
-    return replace(call, copies=())
-
-
 def load_cuda_planned(entries: dict[str, Any], onnx_files: dict[str, Path], options: Any) -> dict[str, PlannedDecoder]:
     """Planned decoders for `entries` on one device arena, run by ONNX Runtime's CUDA provider."""
     from .cuda_runtime import cuda_runtime
-    from .device_plan import dynamic_profile, plan_memory
-    from .onnxruntime_backend import _import_ort, open_checked_session
+    from .onnxruntime_backend import _import_ort
 
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -222,11 +226,5 @@ def load_cuda_planned(entries: dict[str, Any], onnx_files: dict[str, Path], opti
         raise BackendUnavailableError(f"ONNX Runtime here has no CUDA provider (have {ort.get_available_providers()});"
                                       f" install onnxruntime-gpu on a machine with an NVIDIA GPU, or use provider 'cpu'.")
     cuda = cuda_runtime()
-    sessions = {role: open_checked_session(onnx_files[role], entry, options,
-                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-                for role, entry in entries.items()}
-    geometries = {role: geometry(entry) for role, entry in entries.items()}
-    plan = plan_memory([(g, (dynamic_profile(g),)) for g in geometries.values()])
-    executor = CudaOrtExecutor(sessions, cuda)
-    executor.allocate(plan)
-    return {role: PlannedDecoder(plan.models[role], executor) for role in entries}
+    return _ort_planned(entries, onnx_files, options, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                        lambda sessions: CudaOrtExecutor(sessions, cuda))

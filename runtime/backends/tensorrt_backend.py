@@ -31,7 +31,7 @@ import numpy as np
 from spectrt.errors import BackendUnavailableError, BundleError, GenerationError
 
 from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelLayout, plan_memory
-from .planned import PlannedDecoder, geometry, profiles_from_manifest
+from .planned import PlannedDecoder, decoders_on, geometry, profiles_from_manifest
 from .tensorrt_logger import collecting_logger
 
 MODULES = ("tensorrt", "tensorrt_rtx")
@@ -243,6 +243,4 @@ def load_tensorrt(manifest: Any, entries: dict[str, Any], *, trt: Any = None, cu
                                             for role, entry in entries.items()})
     models = [(geometry(entry), profiles_from_manifest(entry, executor.activation_bytes(role)))
               for role, entry in entries.items()]
-    plan = plan_memory(models)
-    executor.allocate(plan)
-    return {role: PlannedDecoder(plan.models[role], executor) for role in entries}
+    return decoders_on(plan_memory(models), executor)
