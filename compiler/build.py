@@ -67,10 +67,13 @@ def check_archs(config: BuildConfig, sources: dict[str, Path]) -> dict[str, Mode
     return archs
 
 
-def tensor_specs(arch: ModelArch, precision: str, vocab: int, logits_rows: int | None = None) -> dict[str, list[dict[str, Any]]]:
+def tensor_specs(arch: ModelArch, precision: str, vocab: int, logits_rows: int | None = None,
+                 features: bool = False) -> dict[str, list[dict[str, Any]]]:
     kv = [1, None, arch.num_kv_heads, arch.head_dim]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": [1, "seq_len"]}]
     outputs = [{"name": "logits", "dtype": "fp32", "shape": [1, "seq_len" if logits_rows is None else "logits_rows", vocab]}]
+    if features:
+        outputs.append({"name": "features", "dtype": "fp32", "shape": [1, "seq_len", arch.hidden_size]})
     for name in input_names(arch.num_layers)[1:]:
         inputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "past_len" for d in kv]})
     for name in output_names(arch.num_layers)[1:]:
@@ -111,8 +114,9 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     # MatMulNBits path rounds differently (measured ~7e-5 logits on SmolLM2), so it is not offered.
     level = 4
     logits_rows = logits_rows_for(role, config)
+    features = config.head and role == "target"  # a draft head reads the target's final hidden states
     spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize, accuracy_level=level,
-                     logits_rows=logits_rows, output_ids=output_ids)
+                     logits_rows=logits_rows, output_ids=output_ids, features=features)
     label = config.precision + (f", {quantize} weights" if spec.quantized else "")
     with progress.step(f"export {role} ONNX ({label}, {loaded.arch.num_layers} layers)"):
         export_onnx(loaded, spec, onnx_path)
@@ -121,7 +125,8 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         with progress.step(f"validate {role} against transformers"):
             report = validate_graph(onnx_path, loaded, precision=config.precision, max_context=config.max_context,
                                     vocab=vocab, widths=config.widths if role == "target" else (1,),
-                                    quantize=quantize, logits_rows=logits_rows, output_ids=output_ids)
+                                    quantize=quantize, logits_rows=logits_rows, output_ids=output_ids,
+                                    features=loaded.arch.hidden_size if features else None)
         progress.say(f"    {role}: {report.summary()}")
         require_passed(report, role)
         validation = report.to_json()
@@ -132,13 +137,14 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "max_context": config.max_context,
         "logits_vocab": vocab,
         "logits_rows": logits_rows,
+        "features": loaded.arch.hidden_size if features else None,
         "output_vocab": (None if output_ids is None else
                          {"size": len(output_ids), "lowest_ids": config.draft_vocab,
                           "special_ids": [i for i in output_ids if i >= config.draft_vocab],
                           "rule": "the lowest token ids (BPE merge order) plus added/special tokens; logits of the "
                                   "other ids are -inf"}),
         "widths": list(config.widths) if role == "target" else [],
-        "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows),
+        "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows, features),
         "quantization": ({"scheme": quantize,
                           "method": ("affine 4-bit blocks (integer zero point, fitted scale)" if quantize == "int4"
                                      else "symmetric 8-bit blocks") + ", onnxruntime MatMulNBits; lm_head "
@@ -277,5 +283,9 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
     except BaseException:
         remove_own_temp(work_dir)
         raise
+    if config.head:
+        from .head import HeadConfig, train_head
+
+        manifest["models"]["head"] = train_head(destination, HeadConfig(minutes=config.head_minutes), progress)
     return BuildResult(out_dir, manifest, time.perf_counter() - start, peak_rss_mb(), dict(progress.times))
 

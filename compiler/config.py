@@ -37,6 +37,8 @@ class BuildConfig:
     draft_quantize: str | None = None  # the draft's scheme if different (None = same as quantize)
     draft_vocab: int = 0  # 0 = all; N: the draft's output layer covers the N lowest token ids (BPE merge order,
     # roughly frequency) plus the added/special tokens; the draft never proposes others, the target verifies all
+    head: bool = False  # also train a draft head for the target after the build (`spectrt train-head` defaults)
+    head_minutes: float = 45.0  # its time budget
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(sorted(set(int(w) for w in self.widths))))

@@ -190,6 +190,8 @@ class GraphSpec:
     output_ids: tuple[int, ...] | None = None  # the output layer covers only these token ids; the others get
     # logits -inf (a draft that never proposes them). None: the whole vocabulary
     pad_attention_rows: bool = True  # attention always sees >= 2 query rows (see _attention): batch invariance
+    features: bool = False  # also return the final hidden state (after the last norm) of every position, fp32:
+    # the input of a trained draft head (compiler/head.py)
 
     @property
     def quantized(self) -> bool:
@@ -375,6 +377,38 @@ def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
     return positions, mask
 
 
+FEATURES = "features"  # the optional output: final hidden state [1, S, H] fp32
+
+
+def _features_output(gb: GraphBuilder, normed_hidden: str) -> None:
+    """Expose the final-norm output [1, S, H] as the fp32 graph output `features` (logits are untouched)."""
+    source = normed_hidden if gb.onnx_dtype == TensorProto.FLOAT else gb.op("Cast", [normed_hidden], to=TensorProto.FLOAT)
+    gb.nodes.append(helper.make_node("Identity", [source], [FEATURES]))
+
+
+def add_features_output(onnx_path: Path, hidden_size: int) -> bool:
+    """Give an existing spectrt decoder graph the `features` output (graph surgery on the .onnx only; the external
+    data file is untouched). The final norm is the Mul by `final_norm.weight`. False if it already has one."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    if any(output.name == FEATURES for output in graph.output):
+        return False
+    norms = [node for node in graph.node if "final_norm.weight" in node.input]
+    if len(norms) != 1:
+        raise ValueError(f"{onnx_path}: no single final-norm node (Mul by final_norm.weight); not a spectrt decoder graph")
+    dtype = next(i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_"))
+    source = norms[0].output[0]
+    if dtype != TensorProto.FLOAT:
+        graph.node.append(helper.make_node("Cast", [source], ["features_fp32"], to=TensorProto.FLOAT))
+        source = "features_fp32"
+    graph.node.append(helper.make_node("Identity", [source], [FEATURES]))
+    graph.output.insert(1, helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [1, "seq_len", hidden_size]))
+    tmp_path = onnx_path.with_name(onnx_path.name + ".tmp")
+    onnx.save(model, str(tmp_path))
+    os.replace(tmp_path, onnx_path)
+    return True
+
+
 def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray, rope_sin: np.ndarray,
                        spec: GraphSpec, onnx_path: Path) -> Path:
     """Write `onnx_path` (+ `onnx_path`.data) for the model; returns the graph path.
@@ -433,6 +467,8 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
 
         final_norm = gb.weight("final_norm.weight", weights("model.norm.weight"))
         hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
+        if spec.features:
+            _features_output(gb, hidden)
         hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
         if spec.logits_rows is not None:  # Slice clamps the start: min(S, R) rows
             hidden_2d = gb.op("Slice", [hidden_2d, gb.ints([-spec.logits_rows]), gb.ints([2 ** 62]), gb.ints([0])])
@@ -453,13 +489,21 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
     graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq_len"])]
     logits_dim = "seq_len" if spec.logits_rows is None else "logits_rows"
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, logits_dim, vocab])]
+    if spec.features:
+        graph_outputs.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [1, "seq_len", arch.hidden_size]))
     for layer in range(arch.num_layers):
         for kind in ("key", "value"):
             graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", onnx_dtype, kv_shape_past))
             graph_outputs.append(helper.make_tensor_value_info(f"new_{kind}_{layer}", onnx_dtype, kv_shape_new))
     graph = helper.make_graph(gb.nodes, "spectrt_decoder", graph_inputs, graph_outputs, gb.initializers)
+    return write_model(graph, onnx_path, quantized=spec.quantized)
+
+
+def write_model(graph: onnx.GraphProto, onnx_path: Path, *, quantized: bool) -> Path:
+    """Wrap `graph` in a model (opset 17, plus com.microsoft for MatMulNBits when `quantized`), write it
+    atomically and check it."""
     opsets = [helper.make_opsetid("", OPSET)]
-    if spec.quantized:
+    if quantized:
         opsets.append(helper.make_opsetid("com.microsoft", 1))  # MatMulNBits: onnxruntime only
     model = helper.make_model(graph, opset_imports=opsets, producer_name="spectrt")
     model.ir_version = 8  # readable by onnx >= 1.10 / TensorRT 10.3's parser

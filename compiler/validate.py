@@ -94,7 +94,7 @@ def run_graph_in_chunks(decoder: Any, token_ids: np.ndarray, plan: list[int]) ->
 def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context: int, vocab: int,
                    widths: tuple[int, ...], texts: tuple[str, ...] = VALIDATION_TEXTS, threads: int = 0,
                    quantize: str = "none", logits_rows: int | None = None,
-                   output_ids: tuple[int, ...] | None = None) -> ValidationReport:
+                   output_ids: tuple[int, ...] | None = None, features: int | None = None) -> ValidationReport:
     """Compare the graph's logits with transformers' on `texts`, fed in chunks as the runtime feeds them. A graph
     whose output layer covers only `output_ids` is compared on those columns (the others are -inf by design)."""
     from spectrt.runtime.backends.onnxruntime_backend import OrtDecoder, OrtOptions
@@ -102,7 +102,7 @@ def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context:
     arch = loaded.arch
     decoder = OrtDecoder(onnx_path, num_layers=arch.num_layers, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                          precision=precision, max_context=max_context, vocab=vocab, options=OrtOptions(threads=threads),
-                         logits_rows=logits_rows)
+                         logits_rows=logits_rows, features=features)
     diffs, agree, positions, plans = [], 0, 0, []
     for text in texts:
         token_ids = np.array(loaded.tokenizer(text)["input_ids"], dtype=np.int64)[: max_context]

@@ -23,7 +23,7 @@ from spectrt.errors import GenerationError
 from .constraints import ConstraintMetrics, MatcherView
 from .picker import TokenPicker
 
-DRAFTERS = ("model", "ngram", "none", "grammar", "grammar+model", "grammar+ngram")
+DRAFTERS = ("model", "head", "ngram", "none", "grammar", "grammar+model", "grammar+ngram")
 
 
 class Drafter(Protocol):
@@ -452,7 +452,7 @@ def _point_mass(vocab: int, token: int) -> np.ndarray:
     return row
 
 
-def make_drafter(kind: str, draft_decoder=None, constrained: bool = False) -> Drafter:
+def make_drafter(kind: str, draft_decoder=None, constrained: bool = False, head=None, target=None) -> Drafter:
     if kind.startswith("grammar") and not constrained:
         raise GenerationError(f"draft '{kind}' proposes what a constraint forces; pass json_schema, regex, grammar "
                               f"or choice, or use draft model, ngram or none.")
@@ -466,4 +466,11 @@ def make_drafter(kind: str, draft_decoder=None, constrained: bool = False) -> Dr
         return ModelDrafter(draft_decoder, grammar_forced=kind == "grammar+model")
     if kind == "grammar":
         return GrammarDrafter()
+    if kind == "head":
+        if head is None:
+            raise GenerationError("this bundle has no draft head; train one with `spectrt train-head BUNDLE`, or use "
+                                  "--draft model, ngram or none.")
+        from .head_drafter import HeadDrafter
+
+        return HeadDrafter(head, target)
     raise GenerationError(f"unknown drafter '{kind}'; choose one of {', '.join(DRAFTERS)}.")

@@ -211,6 +211,13 @@ class Generator:
         decoders = _make_decoders(self.manifest, entries, backend, threads, provider)
         self.target = decoders["target"]
         self.draft = decoders.get("draft")
+        self.head = None  # the trained draft head (ONNX Runtime CPU), when the bundle has one
+        if load_draft and self.manifest.head is not None and getattr(self.target, "features_size", None):
+            from .backends.onnxruntime_backend import OrtOptions
+            from .head_drafter import load_head
+
+            self.head = load_head(self.manifest, OrtOptions(threads=threads, provider="cpu", spinning=False),
+                                  ["CPUExecutionProvider"])
         self.eos_ids = set(int(i) for i in self.manifest.generation["eos_token_ids"])
         self.constraints = ConstraintCompiler(self.manifest.file(self.manifest.tokenizer_file),
                                               self.manifest.target.logits_vocab, self.eos_ids)
@@ -314,7 +321,8 @@ class Generator:
         config = self._config(config, options)
         prompt_ids = self.encode(prompt, messages, prompt_ids)
         spec = config.constraint
-        drafter = make_drafter(config.draft, self.draft, constrained=spec is not None)
+        drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
+                               target=self.target)
         width = 0 if config.draft == "none" else config.width
         WidthScheduler(self.built_widths, width)  # validates the width now
         # validated now; a constrained request always has an end token (the bundle's, if eos_ids was emptied)

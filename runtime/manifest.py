@@ -61,6 +61,7 @@ class ModelEntry:
     raw: dict[str, Any]
     onnx_data: str | None = None  # the ONNX graph's external-data file (relative), if any
     logits_rows: int | None = None  # the graph returns logits for the last min(S, logits_rows) positions (None: all)
+    features: int | None = None  # hidden size of the `features` output (final hidden state of every position)
 
     @property
     def tensorrt_path(self) -> str | None:
@@ -81,6 +82,7 @@ class Manifest:
     generation: dict[str, Any]
     files: dict[str, dict[str, Any]]
     raw: dict[str, Any]
+    head: "HeadEntry | None" = None
 
     def file(self, relative: str) -> Path:
         """The resolved path of bundle file `relative`, guaranteed inside the bundle folder.
@@ -90,8 +92,37 @@ class Manifest:
 
     def used_files(self) -> tuple[str, ...]:
         """Every file the runtime may open: tokenizer, ONNX graphs and their data, TensorRT plans."""
-        models = [self.target] + ([self.draft] if self.draft is not None else [])
+        models = [self.target] + [m for m in (self.draft, self.head) if m is not None]
         return (self.tokenizer_file,) + tuple(p for m in models for p in m.used_files())
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """A trained draft head (models.head): reads the target's features, proposes over `output_vocab` token ids."""
+
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    output_vocab: int
+    precision: str
+    max_context: int
+    logits_vocab: int
+    vocab_ids: str  # relative path of the int64 .npy mapping output rows to token ids
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    onnx_path: str | None
+    onnx_data: str | None
+    tensorrt: dict[str, Any] | None
+    raw: dict[str, Any]
+    role: str = "head"
+    num_layers: int = 1
+
+    @property
+    def tensorrt_path(self) -> str | None:
+        return self.tensorrt["path"] if self.tensorrt else None
+
+    def used_files(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.vocab_ids, self.onnx_path, self.onnx_data, self.tensorrt_path) if p is not None)
 
 
 # -- schema ---------------------------------------------------------------------------------------
@@ -213,17 +244,34 @@ def _validate_schema(bundle_dir: Path, data: dict[str, Any]) -> None:
 
 
 def expected_graph_io(num_layers: int, kv_heads: int, head_dim: int, precision: str, vocab: int,
-                      logits_rows: int | None = None) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+                      logits_rows: int | None = None, features: int | None = None
+                      ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The graph I/O contract (engines/README.md) for these architecture numbers; with `logits_rows` the
-    logits cover the last min(seq_len, logits_rows) positions only."""
+    logits cover the last min(seq_len, logits_rows) positions only; with `features` (a hidden size) the graph also
+    returns the final hidden state of every position."""
     inputs = [TensorSpec("input_ids", "int64", (1, "seq_len"))]
     outputs = [TensorSpec("logits", "fp32", (1, "seq_len" if logits_rows is None else "logits_rows", vocab))]
+    if features is not None:
+        outputs.append(TensorSpec("features", "fp32", (1, "seq_len", features)))
     for i in range(num_layers):
         inputs += [TensorSpec(f"past_{kind}_{i}", precision, (1, "past_len", kv_heads, head_dim))
                    for kind in ("key", "value")]
         outputs += [TensorSpec(f"new_{kind}_{i}", precision, (1, "seq_len", kv_heads, head_dim))
                     for kind in ("key", "value")]
     return tuple(inputs), tuple(outputs)
+
+
+def expected_head_io(hidden_size: int, kv_heads: int, head_dim: int, precision: str, output_vocab: int
+                     ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """A draft head's I/O: the next tokens and the target's features of the positions before them in; logits over the
+    reduced vocabulary and the predicted next feature of the last position out, and its one layer's new cache rows."""
+    kv_past, kv_new = (1, "past_len", kv_heads, head_dim), (1, "seq_len", kv_heads, head_dim)
+    inputs = (TensorSpec("input_ids", "int64", (1, "seq_len")), TensorSpec("features", "fp32", (1, "seq_len", hidden_size)),
+              TensorSpec("past_key_0", precision, kv_past), TensorSpec("past_value_0", precision, kv_past))
+    outputs = (TensorSpec("logits", "fp32", (1, "logits_rows", output_vocab)),
+               TensorSpec("next_features", "fp32", (1, "logits_rows", hidden_size)),
+               TensorSpec("new_key_0", precision, kv_new), TensorSpec("new_value_0", precision, kv_new))
+    return inputs, outputs
 
 
 def compare_io(kind: str, declared: Iterable[TensorSpec], expected: Iterable[TensorSpec]) -> str | None:
@@ -270,7 +318,36 @@ def _model_entry(role: str, data: dict[str, Any]) -> ModelEntry:
         raw=data,
         onnx_data=onnx.get("data") if onnx is not None else None,
         logits_rows=data.get("logits_rows"),
+        features=data.get("features"),
     )
+
+
+def _head_entry(data: dict[str, Any], target: ModelEntry) -> HeadEntry:
+    arch, onnx = data["arch"], data["backends"].get("onnx")
+    entry = HeadEntry(
+        hidden_size=arch["hidden_size"], num_kv_heads=arch["num_kv_heads"], head_dim=arch["head_dim"],
+        output_vocab=arch["output_vocab"], precision=data["precision"], max_context=data["max_context"],
+        logits_vocab=data["logits_vocab"], vocab_ids=data["vocab_ids"],
+        inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["graph"]["inputs"]),
+        outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["graph"]["outputs"]),
+        onnx_path=onnx["path"] if onnx is not None else None, onnx_data=onnx.get("data") if onnx is not None else None,
+        tensorrt=data["backends"].get("tensorrt"), raw=data)
+    inputs, outputs = expected_head_io(entry.hidden_size, entry.num_kv_heads, entry.head_dim, entry.precision,
+                                       entry.output_vocab)
+    for kind, declared, expected in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
+        problem = compare_io(kind, declared, expected)
+        if problem:
+            raise BundleError(f"the head graph I/O in the manifest ('models.head.graph.{kind}') does not fit its "
+                              f"architecture: {problem}. The manifest is inconsistent: retrain the head "
+                              f"(`spectrt train-head`).")
+    if target.features != entry.hidden_size:
+        raise BundleError(f"the draft head reads features of size {entry.hidden_size} but the target graph "
+                          f"{'returns none' if target.features is None else f'returns {target.features}'}; the "
+                          f"manifest is inconsistent: retrain the head (`spectrt train-head`).")
+    if entry.logits_vocab != target.logits_vocab or entry.max_context != target.max_context:
+        raise BundleError("the draft head's logits_vocab / max_context differ from the target's; the manifest is "
+                          "inconsistent: retrain the head (`spectrt train-head`).")
+    return entry
 
 
 def _check_model(entry: ModelEntry) -> None:
@@ -280,7 +357,7 @@ def _check_model(entry: ModelEntry) -> None:
         raise BundleError(f"manifest field '{where}.role' says '{declared_role}' under models.{role}; the manifest "
                           f"is inconsistent: rebuild the bundle.")
     inputs, outputs = expected_graph_io(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.precision,
-                                        entry.logits_vocab, entry.logits_rows)
+                                        entry.logits_vocab, entry.logits_rows, entry.features)
     for kind, declared, expected in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
         problem = compare_io(kind, declared, expected)
         if problem:
@@ -333,9 +410,10 @@ def parse_manifest(bundle_dir: Path, data: dict[str, Any]) -> Manifest:
     if tokenizer_size != target.logits_vocab:
         raise BundleError(f"the tokenizer produces {tokenizer_size} ids but the target emits {target.logits_vocab} "
                           f"logits; the bundle is inconsistent: rebuild it.")
+    head = _head_entry(models["head"], target) if models.get("head") is not None else None
     manifest = Manifest(path=bundle_dir, name=data["name"], target=target, draft=draft,
                         tokenizer_file=data["tokenizer"]["file"], generation=data["generation"],
-                        files=data["files"], raw=data)
+                        files=data["files"], raw=data, head=head)
     unlisted = [p for p in manifest.used_files() if p not in manifest.files]
     if unlisted:
         raise BundleError(f"bundle file(s) {_few(unlisted)} are used by the runtime but missing from the manifest's "

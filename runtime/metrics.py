@@ -148,6 +148,8 @@ class RequestMetrics:
             "accepted_length_histogram": {str(k): v for k, v in sorted(self.accepted_length_histogram.items())},
             "width_histogram": {str(k): v for k, v in sorted(self.width_histogram.items())},
             "per_position_acceptance": {str(k): v for k, v in self.per_position_acceptance().items()},
+            "proposed_at_position": {str(k): v for k, v in sorted(self.proposed_at_position.items())},
+            "accepted_at_position": {str(k): v for k, v in sorted(self.accepted_at_position.items())},
             "rejected_spans": [list(span) for span in self.rejected_spans],
             "rejected_tokens": sum(length for _, length in self.rejected_spans),
             "queue_seconds": self.queue_seconds,

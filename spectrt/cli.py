@@ -64,6 +64,10 @@ def _build_options(func):
                      help="The draft's output layer covers only the N lowest token ids (BPE merge order, roughly "
                           "frequency) plus special tokens: a cheaper draft step; the target still verifies every "
                           "token [default: 0 = all]."),
+        click.option("--head/--no-head", default=None,
+                     help="Also train a draft head for the target (`spectrt train-head` with its defaults; the "
+                          "target graph then returns its features) [default: off]."),
+        click.option("--head-minutes", type=float, help="Time budget of the head's training [default: 45]."),
         click.option("--out", help="Bundle folder [default: engines/<name>]: missing, empty, or an earlier bundle "
                                    "(with --overwrite); any other folder is refused, never deleted."),
         click.option("--overwrite", is_flag=True, default=False,
@@ -151,6 +155,11 @@ def build_summary(manifest: dict[str, Any], bundle_dir: Path, seconds: float | N
     """What a bundle holds, as a plain dict (used by `build` and `inspect`)."""
     models = {}
     for role, entry in manifest["models"].items():
+        if entry is None:
+            continue
+        if role == "head":
+            models[role] = _head_summary(entry)
+            continue
         arch = entry["arch"]
         backends = entry["backends"]
         trt = backends.get("tensorrt")
@@ -185,6 +194,19 @@ def build_summary(manifest: dict[str, Any], bundle_dir: Path, seconds: float | N
     return summary
 
 
+def _head_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    arch, training = entry["arch"], entry.get("training", {})
+    validation = training.get("validation", {})
+    return {"model": f"draft head trained on {training.get('tokens', '?')} tokens, {training.get('steps', '?')} steps",
+            "architecture": f"1 layer over target features, hidden {arch['hidden_size']}, MLP "
+                            f"{arch['intermediate_size']}, {arch['output_vocab']} output tokens",
+            "precision": entry["precision"] + (f" + {entry['quantization']['scheme']} weights"
+                                               if entry.get("quantization") else ""),
+            "widths": [], "backends": sorted(entry["backends"]), "tensorrt_profiles": [], "tensorrt": None,
+            "validation": None, "held_out_agreement": [validation.get(f"agreement_{i}") for i in (1, 2)
+                                                       if validation.get(f"agreement_{i}") is not None]}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"bundle {summary['name']} at {summary['bundle']} ({_human_bytes(summary['size_bytes'])}, "
              f"schema v{summary['schema_version']}, max context {summary['max_context']})"]
@@ -198,7 +220,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  backends: {', '.join(info['backends'])}"
                      + (f" ({info['tensorrt']}; profiles: {', '.join(info['tensorrt_profiles'])})" if info["tensorrt"] else ""))
         validation = info["validation"]
-        if validation:
+        if role == "head":
+            agreement = info["held_out_agreement"]
+            lines.append(f"  held-out agreement with the target (drafted position "
+                         f"{', '.join(str(i + 1) for i in range(len(agreement)))}): "
+                         + ", ".join(f"{a:.1%}" for a in agreement))
+        elif validation:
             lines.append(f"  validation: max|Δlogit| {validation['max_abs_logit_diff']:.2e}, argmax agreement "
                          f"{validation['argmax_agreement']:.1%} over {validation['positions']} positions")
         else:
@@ -276,13 +303,61 @@ def compile_command(bundle: Path, prefill_opt: int | None, workspace_mb: int | N
     click.echo(format_summary(summary))
 
 
+@main.command("train-head")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--workloads", default="code,chat,extraction", show_default=True,
+              help="Prompt sets whose target continuations train the head: shipped workloads (their training split: "
+                   "every record after the first 8, which the benchmark measures) and/or .jsonl files; '' for none.")
+@click.option("--text", multiple=True, help="Text files or folders the target reads for training (repeatable; e.g. "
+                                            "your code base or logs) [default: the Python standard library's sources].")
+@click.option("--text-tokens", type=int, help="Tokens of text the target reads [default: 60000].")
+@click.option("--max-new-tokens", type=int, help="Greedy continuation length per training prompt [default: 128].")
+@click.option("--intermediate-size", type=int, help="The head's MLP width [default: 2048].")
+@click.option("--output-vocab", type=int,
+              help="Token ids the head can propose (the most frequent in the training sequences) [default: 8192].")
+@click.option("--minutes", type=float, help="Time budget of the whole run; the step count that fits is measured and "
+                                            "recorded [default: 45].")
+@click.option("--steps", type=int, help="Fixed optimizer steps instead of the time budget (reproducible).")
+@click.option("--unroll", type=click.IntRange(1, 2), help="2: also train on the head's own first guess (better later "
+                                                          "drafted tokens, half the steps) [default: 1].")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW, warm-up then cosine) [default: 1e-3].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads for the target and torch (0 = their default).")
+@click.option("--work-dir", help="Collected data and checkpoints (a rerun with the same settings resumes there) "
+                                 "[default: ~/.cache/spectrt/head/<bundle>-<hash>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the head's manifest entry as JSON.")
+def train_head_command(bundle: Path, workloads: str, text: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Train a draft head for BUNDLE's target and add it to the bundle (`--draft head` then uses it).
+
+    \b
+    The head (one decoder layer over the target's final hidden state and the next token, proposing over the
+    target's most frequent tokens) is trained offline, from the target itself: its greedy continuations of
+    training prompts and what it predicts on text. Adds a `features` output to the target graph if it lacks
+    one (logits unchanged). Deterministic for a seed with --steps; interrupted runs resume from --work-dir.
+      spectrt train-head engines/qwen-coder-cpu --steps 420 --threads 2
+    """
+    from spectrt.compiler.head import HeadConfig, train_head
+
+    config = HeadConfig(workloads=tuple(w for w in workloads.split(",") if w), text=text,
+                        **{name: value for name, value in options.items() if value is not None})
+    entry = train_head(bundle, config)
+    if as_json:
+        click.echo(json.dumps(entry, indent=2))
+        return
+    validation = entry["training"]["validation"]
+    click.echo(f"head added to {bundle}: {entry['training']['steps']} steps on {entry['training']['tokens']} tokens in "
+               f"{entry['training']['seconds']:.0f} s; held-out agreement with the target: first drafted token "
+               f"{validation['agreement_1']:.3f}" + (f", second {validation['agreement_2']:.3f}"
+                                                     if "agreement_2" in validation else ""))
+
+
 @main.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--chat", "chat_message", help="Send this text as a user chat message (uses the bundle's chat template).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--stream", is_flag=True, help="Print tokens as they are accepted.")
-@click.option("--draft", type=click.Choice(["auto", "model", "ngram", "none", "grammar", "grammar+model", "grammar+ngram"]),
+@click.option("--draft", type=click.Choice(["auto", "model", "head", "ngram", "none", "grammar", "grammar+model", "grammar+ngram"]),
               default="auto", show_default=True,
               help="model: the bundle's draft; ngram: prompt lookup; none: plain target decoding (the baseline); "
                    "grammar[+model|+ngram]: tokens a constraint forces, proposed without a model (constraints only; "
@@ -334,7 +409,7 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
                             json_schema=_text_or_file(json_schema, "--json-schema"), regex=regex,
                             grammar=_text_or_file(grammar, "--grammar"), choice=choices or None)
     generator = Generator(bundle, backend=backend, threads=threads, provider=provider,
-                          load_draft=draft in ("auto", "model", "grammar+model"))
+                          load_draft=draft in ("auto", "model", "head", "grammar+model"))
     messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
     texts, token_ids, final = [], [], None
     for chunk in generator.stream(prompt, messages=messages, config=config):

@@ -105,6 +105,10 @@ class TensorRTExecutor:
         engine = self.engines[layout.geometry.role]
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         kv = layout.geometry.kv_dtype
+        if "features" in names:
+            raise BundleError(f"the {layout.geometry.role} engine returns the target's features (a bundle with a draft "
+                              f"head), which the TensorRT executor does not bind yet; run this bundle with --backend "
+                              f"onnxruntime.")
         wanted = {"input_ids": "int64", "logits": "fp32"}
         for layer in range(layout.geometry.num_layers):
             for kind in ("key", "value"):

@@ -84,7 +84,7 @@ def _x(value: float | None) -> str:
 def _cost_table(summaries: list[dict[str, Any]]) -> list[str]:
     """Each drafter's cost per drafted token, and each verification call's, in target steps (the plain run's
     time per token)."""
-    costs = [(s["config"], s["costs"]) for s in summaries if s.get("costs")]
+    costs = [(s["config"], s["costs"], s.get("acceptance_by_position") or {}) for s in summaries if s.get("costs")]
     if not costs:
         return []
     step = costs[0][1]["target_step_seconds"]
@@ -92,13 +92,14 @@ def _cost_table(summaries: list[dict[str, Any]]) -> list[str]:
              "draft = drafting seconds / drafted tokens, verify = verify seconds / rounds; catch-up = a draft "
              "model reading the prompt and the tokens of plain rounds before it proposes (per request).", "",
              "| config | draft ms/token | draft / target step | verify ms/call | verify / target step "
-             "| catch-up ms/request |",
-             "|---|---|---|---|---|---|"]
-    for label, c in costs:
+             "| catch-up ms/request | acceptance at drafted position 1, 2, 3, ... |",
+             "|---|---|---|---|---|---|---|"]
+    for label, c, by_position in costs:
+        positions = ", ".join(f"{rate:.0%}" for _, rate in sorted(by_position.items(), key=lambda i: int(i[0]))[:8])
         lines.append(f"| {label} | {_fmt(_ms(c['draft_seconds_per_token']), '.2f')} | "
                      f"{_fmt(c['draft_cost_vs_target_step'], '.3f')} | {_fmt(_ms(c['verify_seconds_per_call']), '.1f')} | "
                      f"{_fmt(c['verify_cost_vs_target_step'], '.2f')} | "
-                     f"{_fmt(_ms(c.get('catch_up_seconds_per_run')), '.0f')} |")
+                     f"{_fmt(_ms(c.get('catch_up_seconds_per_run')), '.0f')} | {positions or '–'} |")
     return lines + [""]
 
 

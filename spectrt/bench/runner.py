@@ -84,7 +84,7 @@ GRAMMAR_DRAFTS = ("grammar", "grammar+model", "grammar+ngram")
 
 
 def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: bool,
-              constrained: bool = False) -> list[RunSpec]:
+              constrained: bool = False, has_head: bool = False) -> list[RunSpec]:
     """Plain first, then each drafter x width. Grammar-forced drafters run on constrained workloads only; there,
     when --draft names none of them, all that the bundle supports are added."""
     drafts = [d for d in config.drafts if constrained or d not in GRAMMAR_DRAFTS]
@@ -92,15 +92,29 @@ def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: boo
         drafts += [d for d in GRAMMAR_DRAFTS if has_draft or d != "grammar+model"]
     specs = [RunSpec("none", 0)]
     for draft in drafts:
-        if draft not in ("model", "ngram", *GRAMMAR_DRAFTS):
-            raise ConfigError(f"unknown drafter '{draft}'; choose model, ngram, grammar, grammar+model or grammar+ngram.")
+        if draft not in ("model", "head", "ngram", *GRAMMAR_DRAFTS):
+            raise ConfigError(f"unknown drafter '{draft}'; choose model, head, ngram, grammar, grammar+model or "
+                              f"grammar+ngram.")
         if draft in ("model", "grammar+model") and not has_draft:
             raise ConfigError("this bundle has no draft model; use --draft ngram.")
+        if draft == "head" and not has_head:
+            raise ConfigError("this bundle has no draft head; train one with `spectrt train-head BUNDLE` or use "
+                              "--draft ngram.")
         for width in config.widths:
             if width != "auto" and int(width) not in built_widths:
                 raise ConfigError(f"width {width} was not built into this bundle (built: {list(built_widths)}).")
             specs.append(RunSpec(draft, width if width == "auto" else int(width)))
     return specs
+
+
+def _acceptance_by_position(runs: list[dict]) -> dict[str, float]:
+    """Drafted position (1-based) -> share of the proposals there that were accepted, over all runs."""
+    proposed: Counter = Counter()
+    accepted: Counter = Counter()
+    for run in runs:
+        proposed.update({int(p): n for p, n in run.get("proposed_at_position", {}).items()})
+        accepted.update({int(p): n for p, n in run.get("accepted_at_position", {}).items()})
+    return {str(p): accepted[p] / n for p, n in sorted(proposed.items()) if n}
 
 
 def _median(values: list[float]) -> float | None:
@@ -157,6 +171,7 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         "end_to_end_tokens_per_second": _median([m["end_to_end_tokens_per_second"] for m in runs]),
         "speedup_vs_plain": _median(ratios),
         "acceptance_rate": sum(m["accepted_tokens"] for m in runs) / drafted if drafted else None,
+        "acceptance_by_position": _acceptance_by_position(runs),
         "mean_accepted_length": (sum(m["accepted_tokens"] for m in runs) / speculative_rounds
                                  if speculative_rounds else None),
         "tokens_per_round": (sum(max(m["generated_tokens"] - 1, 0) for m in runs)
@@ -272,10 +287,12 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
 
     check_peers_installed(config)  # an explicitly asked-for peer that cannot run is refused before any work
     generator = Generator(config.bundle, threads=config.threads)
-    run_specs(config, generator.built_widths, generator.draft is not None)  # refuse bad widths / drafters first
+    has_head = generator.head is not None
+    run_specs(config, generator.built_widths, generator.draft is not None, has_head=has_head)  # refuse bad ones first
     workloads = {name: load_workload(name, config.prompts) for name in config.workloads}
     schemas = {name: load_schemas(name) for name in config.workloads}
-    specs_of = {name: run_specs(config, generator.built_widths, generator.draft is not None, bool(schemas[name]))
+    specs_of = {name: run_specs(config, generator.built_widths, generator.draft is not None, bool(schemas[name]),
+                                has_head)
                 for name in workloads}
     say(f"bundle {config.bundle}: " + "; ".join(f"{name}: {len(specs)} configurations ({', '.join(s.label for s in specs)})"
                                                  for name, specs in specs_of.items())
