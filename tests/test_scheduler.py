@@ -97,6 +97,18 @@ def test_switching_from_plain_to_a_model_draft_needs_a_larger_promise_than_going
     assert scheduler.width(limit=100, draft_lag=2) == 0 and not scheduler.speculating  # 1.04x: stop
 
 
+def test_a_cheap_model_draft_starts_at_the_ordinary_margin():
+    """A draft head costs 0.06 of a target step per token: a predicted 1.10x is enough to start it."""
+    costs = CostModel(draft_cost=0.06, catch_up_seconds=0.0001, catch_up_tokens=1.0, verify_cost={0: 1.0, 1: 1.13})
+    scheduler = WidthScheduler((1,), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.315))
+    # a=0.315, k=1: 1.315 tokens for 1.19 -> 1.105x
+    assert scheduler.width(limit=100, draft_lag=2) == 1 and scheduler.speculating
+    costs.draft_cost = 0.2  # the same promise from a costlier draft (a=0.47: 1.47 / 1.33 = 1.105x): no start
+    scheduler.speculating = False
+    scheduler.acceptance = AcceptanceEstimate(prior=0.47)
+    assert scheduler.width(limit=100, draft_lag=2) == 0
+
+
 def test_a_probe_is_skipped_when_the_draft_would_first_read_a_long_prompt():
     costs = CostModel(draft_cost=0.5, catch_up_seconds=0.05, catch_up_tokens=1.0, verify_cost={0: 1.0, 2: 1.2})
     scheduler = WidthScheduler((2,), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.1))
