@@ -238,3 +238,22 @@ def test_interrupted_collection_resumes_to_the_same_data(head_bundle):
     assert resumed.sources_hash == whole.sources_hash and len(resumed.sequences) == len(whole.sequences)
     for a, b in zip(resumed.sequences, whole.sequences):
         assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.features, b.features)
+
+
+def test_bench_reports_the_heads_training_and_any_trained_on_prompt(head_bundle, tmp_path):
+    from spectrt.bench.report import write_report
+    from spectrt.bench.runner import BenchConfig, run_benchmark
+    from spectrt.bench.workloads import load_workload
+
+    trained = load_workload("code")[9]  # a training-split record (code-10)
+    custom = tmp_path / "mixed.jsonl"
+    custom.write_text(json.dumps({"id": trained.id, "kind": "completion", "prompt": trained.prompt[:60]}) + "\n")
+    config = BenchConfig(bundle=str(head_bundle), workloads=("code", str(custom)), drafts=("head",), widths=(1,),
+                         prompts=1, repeats=1, warmup=0, max_new_tokens=8, peer="none", out=str(tmp_path / "out"))
+    results = run_benchmark(config, say=lambda s: None)
+    head = results["draft_head"]
+    assert head["measured_prompts_trained_on"] == [trained.id] and head["steps"] == TRAIN["steps"]
+    summary = next(s for s in results["workloads"]["code"]["summaries"] if s["config"] == "head@1")
+    assert summary["exact_match_with_plain"] == 1 and "1" in summary["acceptance_by_position"]
+    write_report(results, tmp_path / "out")
+    assert f"measured prompts it was trained on: {trained.id}" in (tmp_path / "out" / "results.md").read_text()

@@ -36,6 +36,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"- machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cpus')} cores, "
         f"onnxruntime {results['machine'].get('onnxruntime')}",
         f"- command: `{results['command']}`",
+        *_head_lines(results.get("draft_head")),
         "",
         "Tokens/s are decode tokens/s (after the first token), median over prompts of the per-prompt median; "
         "speed-up is the median per-prompt ratio to plain decoding of the same target in the same run; "
@@ -79,6 +80,16 @@ def _config_table(summaries: list[dict[str, Any]]) -> list[str]:
 
 def _x(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
+
+
+def _head_lines(head: dict[str, Any] | None) -> list[str]:
+    if not head:
+        return []
+    trained_on = head["measured_prompts_trained_on"]
+    return [f"- draft head: {head['steps']} steps on {head['tokens']} tokens, "
+            f"{_fmt(head['training_seconds'], '.0f')} s in its last training run (data collection "
+            f"{_fmt(head['collect_seconds'], '.0f')} s of it); measured prompts it was trained on: "
+            + (", ".join(trained_on) if trained_on else "none")]
 
 
 def _cost_table(summaries: list[dict[str, Any]]) -> list[str]:

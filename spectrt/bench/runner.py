@@ -107,6 +107,18 @@ def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: boo
     return specs
 
 
+def draft_head_facts(head: dict[str, Any], workloads: dict[str, list]) -> dict[str, Any]:
+    """How the bundle's draft head was trained, and which of the measured prompts it was trained on (an honest
+    measurement has none)."""
+    training = head.get("training", {})
+    trained = set(training.get("prompts", []))
+    measured = {prompt.id for prompts in workloads.values() for prompt in prompts}
+    return {"training_seconds": training.get("seconds"), "collect_seconds": training.get("collect_seconds"),
+            "steps": training.get("steps"), "tokens": training.get("tokens"),
+            "held_out_agreement": training.get("validation"),
+            "measured_prompts_trained_on": sorted(measured & trained)}
+
+
 def _acceptance_by_position(runs: list[dict]) -> dict[str, float]:
     """Drafted position (1-based) -> share of the proposals there that were accepted, over all runs."""
     proposed: Counter = Counter()
@@ -352,6 +364,8 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                          "precision": generator.manifest.target.precision,
                          "quantization": {role: (generator.manifest.raw["models"][role].get("quantization") or {})
                                           .get("scheme", "none") for role in generator.manifest.raw["models"]}}
+    if generator.manifest.head is not None:
+        results["draft_head"] = draft_head_facts(generator.manifest.head.raw, workloads)
     results["machine"] = machine_info()
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["seconds"] = round(time.perf_counter() - started, 1)
