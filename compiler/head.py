@@ -312,11 +312,10 @@ def train(model, embed, train_batches: Batches, val_batches: Batches, config: He
             done = state["done"]
             curve[:] = state["curve"]
             progress.say(f"    resumed at step {done}/{steps}")
-    rng = np.random.default_rng(config.seed + done)
     warmup = max(1, min(20, steps // 10))
     started, last_save = time.perf_counter(), time.perf_counter()
     windows = len(train_batches.lengths)
-    order = np.random.default_rng(config.seed).permutation(windows)
+    order = _window_order(config, windows, done)
     for step in range(done, steps):
         lr = config.lr * (step + 1) / warmup if step < warmup else \
             config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
@@ -343,10 +342,23 @@ def train(model, embed, train_batches: Batches, val_batches: Batches, config: He
                          f"{point['val_agreement_1']:.3f}" + (f" / {point['val_agreement_2']:.3f}" if
                                                                'val_agreement_2' in point else "")
                          + f"  {elapsed:.0f} s")
-        if time.perf_counter() - last_save > 120 or done == steps:
+        if time.perf_counter() - last_save > SAVE_EVERY or done == steps:
             _save_checkpoint(checkpoint, model, optimizer, config, steps, done, curve)
             last_save = time.perf_counter()
     return done
+
+
+SAVE_EVERY = 120.0  # seconds between checkpoints
+
+
+def _window_order(config: HeadConfig, windows: int, step: int):
+    """The window order in effect at `step`: the seed's, reshuffled after each batch that crosses the end of an
+    epoch (replayed from step 0, so a resumed run draws what an uninterrupted one would)."""
+    order = np.random.default_rng(config.seed).permutation(windows)
+    for earlier in range(step):
+        if (earlier * config.batch) % windows + config.batch > windows:
+            order = np.random.default_rng(config.seed + 1 + (earlier * config.batch) // windows).permutation(windows)
+    return order
 
 
 def _save_checkpoint(path: Path, model, optimizer, config: HeadConfig, steps: int, done: int, curve) -> None:

@@ -257,3 +257,33 @@ def test_bench_reports_the_heads_training_and_any_trained_on_prompt(head_bundle,
     assert summary["exact_match_with_plain"] == 1 and "1" in summary["acceptance_by_position"]
     write_report(results, tmp_path / "out")
     assert f"measured prompts it was trained on: {trained.id}" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_training_interrupted_after_an_epoch_resumes_to_the_same_head(tiny_llama_pair, tmp_path, monkeypatch):
+    """Checkpoint every step, stop after the window order was reshuffled (an epoch ended), resume: the head equals
+    an uninterrupted run's, byte for byte."""
+    import spectrt.compiler.head as head_module
+    from spectrt.compiler.progress import Progress
+
+    monkeypatch.setattr(head_module, "SAVE_EVERY", -1.0)
+    bundle = _build(tiny_llama_pair, tmp_path / "bundle")
+    options = dict(steps=30, seed=3, text_tokens=400, max_new_tokens=8, batch=8)
+    copies = {}
+    for name in ("whole", "resumed"):
+        copies[name] = tmp_path / f"bundle-{name}"
+        shutil.copytree(bundle, copies[name])
+
+    class StopAtStep(Progress):
+        def say(self, message: str) -> None:
+            if "step 24/30" in message:
+                raise KeyboardInterrupt
+            super().say(message)
+
+    _train(copies["whole"], tmp_path / "w-whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        head_module.train_head(copies["resumed"], head_module.HeadConfig(**{**TRAIN, **options,
+                                                                           "work_dir": str(tmp_path / "w-res")}),
+                               progress=StopAtStep(quiet=True))
+    entry = _train(copies["resumed"], tmp_path / "w-res", **options)
+    assert entry["training"]["steps"] == 30
+    assert (copies["whole"] / "head.onnx.data").read_bytes() == (copies["resumed"] / "head.onnx.data").read_bytes()
