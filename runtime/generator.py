@@ -324,6 +324,10 @@ class Generator:
         config = self._config(config, options)
         prompt_ids = self.encode(prompt, messages, prompt_ids)
         spec = config.constraint
+        if config.draft == "head" and self.head is None and self.manifest.head is not None:
+            raise GenerationError("the draft head reads the target's features, which this backend does not return "
+                                  "(only the ONNX Runtime CPU path does so far); use --provider cpu, or another "
+                                  "drafter.")
         drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
                                target=self.target)
         width = 0 if config.draft == "none" else config.width

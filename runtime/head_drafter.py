@@ -77,16 +77,13 @@ class OrtHead:
 
 
 class HeadDrafter:
-    """Proposes with the trained head from the target's features (the target decoder must return them)."""
+    """Proposes with the trained head from the target's features (the target decoder must return them: the
+    Generator loads a head only next to such a target)."""
 
     name = "head"
     uses_model = True
 
     def __init__(self, head: OrtHead, target):
-        if not hasattr(target, "last_features") or getattr(target, "features_size", None) is None:
-            raise GenerationError("the draft head reads the target's features, which this backend does not return "
-                                  "(only the ONNX Runtime CPU path does so far); use --provider cpu, or another "
-                                  "drafter.")
         self.head = head
         self.target = target
         self.features = np.zeros((target.max_context, head.hidden_size), np.float32)  # [C, H] by position

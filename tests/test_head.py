@@ -186,6 +186,10 @@ def test_head_errors_are_clear(tiny_bundle, head_bundle, tmp_path):
     with pytest.raises(ConfigError, match="no draft head"):
         run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=("code",), drafts=("head",), widths=("auto",),
                                   prompts=1, repeats=1, warmup=0), say=lambda s: None)
+    planned = Generator(head_bundle, threads=1, provider="cpu-planned")  # its executor keeps features to itself
+    with pytest.raises(GenerationError, match="reads the target's features, which this backend does not return"):
+        planned.generate("def f():", max_new_tokens=4, draft="head")
+    assert planned.generate("def f():", max_new_tokens=4, draft="none").token_ids
     broken = tmp_path / "broken"
     shutil.copytree(head_bundle, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
