@@ -21,7 +21,7 @@ from typing import Any
 
 from spectrt import __version__
 from spectrt.errors import ConfigError
-from spectrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, parse_manifest, sha256_file
+from spectrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_facts, parse_manifest
 
 from .arch import ModelArch, arch_from_config
 from .bundle_io import check_out_dir, replace_dir_atomically
@@ -214,8 +214,7 @@ def tool_versions(config: BuildConfig) -> dict[str, str]:
 
 
 def file_table(work_dir: Path) -> dict[str, dict[str, Any]]:
-    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(work_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    return {p.name: file_facts(p) for p in sorted(work_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def remove_own_temp(work_dir: Path) -> None:

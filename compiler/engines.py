@@ -31,7 +31,7 @@ from typing import Any
 
 from spectrt import __version__
 from spectrt.errors import BackendUnavailableError, BundleError, ConfigError, EngineBuildError
-from spectrt.runtime.manifest import MANIFEST_NAME, ROLES, parse_manifest, read_manifest, sha256_file, verify_files
+from spectrt.runtime.manifest import MANIFEST_NAME, ROLES, file_facts, parse_manifest, read_manifest, verify_files
 
 from .bundle_io import _interrupts_deferred
 from .progress import Progress
@@ -225,7 +225,7 @@ def _new_manifest(raw: dict[str, Any], records: dict[str, dict[str, Any]], built
         if old is not None and old["path"] != record["path"]:
             files.pop(old["path"], None)  # removed after the swap (_stale_engines), if nothing else uses it
         tmp, final = built[role]
-        files[final.name] = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        files[final.name] = file_facts(tmp)
         new["models"][role]["backends"]["tensorrt"] = record
     module, version = next(iter(records.values()))["module"], next(iter(records.values()))["version"]
     new["files"] = dict(sorted(files.items()))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from spectrt.errors import ConfigError
-from spectrt.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from spectrt.runtime.manifest import MANIFEST_NAME, file_facts, read_manifest
 
 from .head_data import HOLDOUT, HeadData, TargetTables, collect, stdlib_files, text_files, training_prompts
 from .head_graph import HeadShape, build_head_onnx, head_tensor_specs
@@ -398,12 +398,8 @@ def ensure_features(bundle: Path, progress: Progress) -> None:
         if target["backends"].get("tensorrt"):
             progress.say("    the target's TensorRT engines predate the features output: run `spectrt compile` again")
             target["backends"].pop("tensorrt")
-        data["files"][onnx_name] = _file_facts(bundle / onnx_name)
+        data["files"][onnx_name] = file_facts(bundle / onnx_name)
         _write_manifest(manifest_path, data)
-
-
-def _file_facts(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_manifest(path: Path, data: dict[str, Any]) -> None:
@@ -547,7 +543,7 @@ def train_head(bundle: Path | str, config: HeadConfig = HeadConfig(), progress: 
     data_json = json.loads((bundle / MANIFEST_NAME).read_text())
     data_json["models"]["head"] = entry
     for name in ("head.onnx", "head.onnx.data", "head.vocab.npy"):
-        data_json["files"][name] = _file_facts(bundle / name)
+        data_json["files"][name] = file_facts(bundle / name)
     _write_manifest(bundle / MANIFEST_NAME, data_json)
     read_manifest(bundle)  # the result must load
     progress.say(f"    head: step-1 agreement {validation['agreement_1']:.3f}"

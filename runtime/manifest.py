@@ -455,6 +455,11 @@ def sha256_file(path: Path, block: int = 1 << 20, on_progress: Callable[[int, in
     return digest.hexdigest()
 
 
+def file_facts(path: Path) -> dict[str, Any]:
+    """A bundle file's record in the manifest's `files` table."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def _verified_cache_path() -> Path:
     import os
 
