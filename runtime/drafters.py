@@ -163,6 +163,16 @@ class NgramDrafter:
                     break
         self._drafts = []
 
+    def continuation(self, tokens: list[int], proposal, count: int) -> list[int]:
+        """Up to `count` tokens continuing the committed `tokens` and this round's `proposal`, by the latest matches,
+        with no confidence cut and no bookkeeping: free guesses for rows a target call computes anyway."""
+        self._sync(tokens)
+        self._append(proposal)  # looked up as if committed, then taken out again
+        try:
+            return self._draft(count)[0]
+        finally:
+            self._truncate(len(tokens))
+
     # -- the index ------------------------------------------------------------------------------------------------
 
     def _sync(self, tokens: list[int]) -> None:

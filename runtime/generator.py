@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from spectrt.errors import BackendUnavailableError, GenerationError
 
 from .constraints import ConstraintCompiler, ConstraintMetrics, ConstraintSpec, RequestConstraint, constraint_spec
 from .drafters import make_drafter
+from .invariance import InvarianceReport, establish_invariance
 from .loop import LoopState, speculative_decode
 from .manifest import Manifest, ModelEntry, read_manifest, verify_files
 from .metrics import AggregateMetrics, RequestMetrics
@@ -25,6 +27,7 @@ from .scheduler import CostModel, LongRunAcceptance, WidthScheduler
 from .text import BundleTokenizer, IncrementalDecoder, StopMatcher
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+INVARIANCE_MODES = ("measure", "off")  # measure: check row counts here (or read the cache) and shape calls
 
 
 @dataclass(frozen=True)
@@ -197,11 +200,13 @@ class Generator:
     """
 
     def __init__(self, bundle: str | Path, *, backend: str = "auto", threads: int = 0, provider: str = "auto",
-                 verify: str = "cached", load_draft: bool = True):
+                 verify: str = "cached", load_draft: bool = True, invariance: str = "measure"):
         if backend not in BACKENDS:
             raise GenerationError(f"backend '{backend}' unknown; choose one of {', '.join(BACKENDS)}.")
         if verify not in ("full", "cached", "none"):
             raise GenerationError("verify must be 'full', 'cached' or 'none'.")
+        if invariance not in INVARIANCE_MODES:
+            raise GenerationError(f"invariance must be one of {', '.join(INVARIANCE_MODES)} (got {invariance!r}).")
         self.manifest = read_manifest(bundle)
         if verify != "none":
             verify_files(self.manifest, cache=(verify == "cached"))
@@ -212,8 +217,12 @@ class Generator:
         if backend == "auto":
             backend = "tensorrt" if _tensorrt_path_available(entries) else "onnxruntime"
         decoders = _make_decoders(self.manifest, entries, backend, threads, provider)
-        self.target = decoders["target"]
         self.draft = decoders.get("draft")
+        self.pad_guesses = True  # rows a shaped call pads with carry free n-gram guesses (see loop.PadGuesser)
+        # which row counts give a row the same logits on this machine, and the target's calls shaped to them
+        self.invariance, self.target = establish_invariance(self.manifest, decoders["target"], mode=invariance,
+                                                            backend=backend, threads=threads)
+        self._target_in_use = self.target  # what the report describes (see `unshaped`)
         self.head = None  # the trained draft head (ONNX Runtime CPU), when the bundle has one
         if load_draft and self.manifest.head is not None and getattr(self.target, "features_size", None):
             from .backends.onnxruntime_backend import OrtOptions
@@ -272,6 +281,27 @@ class Generator:
             long_run = self._acceptance.get((drafter, "greedy"))
             state[drafter] = {"width": width, "acceptance": long_run.value if long_run else None}
         return state
+
+    @property
+    def exact(self) -> bool:
+        """Whether speculative output is token for token plain decoding's on this machine (as measured at load)."""
+        return self.invariance.exact
+
+    @contextmanager
+    def unshaped(self) -> Iterator[None]:
+        """Inside the block the target's calls run with the row counts asked for, not shaped for invariance: for
+        measuring what the shaping costs. Requests in it report `exact: false` unless every count agrees here."""
+        shaped = self._target_in_use
+        self.target = getattr(shaped, "inner", shaped)
+        try:
+            yield
+        finally:
+            self.target = shaped
+
+    def _request_exact(self) -> bool:
+        if self.target is self._target_in_use:
+            return self.invariance.exact
+        return len(self.invariance.classes) == 1  # unshaped: exact only where every row count agrees
 
     def _long_run_acceptance(self, config: GenerateConfig) -> LongRunAcceptance:
         """Acceptance of earlier `auto` requests with this drafter and (rounded) sampling settings; bounded."""
@@ -360,14 +390,16 @@ class Generator:
                                    acceptance=long_run.start_request())
         picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept,
                              constraint=constraint)
-        metrics = RequestMetrics(prompt_tokens=len(prompt_ids), seed=seed, queue_seconds=queued)
+        metrics = RequestMetrics(prompt_tokens=len(prompt_ids), seed=seed, queue_seconds=queued,
+                                 exact=self._request_exact())
         state = LoopState()
         decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
         stopper = StopMatcher(config.stop)
         tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
                                     picker=picker, eos_ids=constraint.eos_ids if constraint else self.eos_ids,
                                     metrics=metrics, state=state,
-                                    clock=self.clock, reuse_prefix=config.reuse_prefix)
+                                    clock=self.clock, reuse_prefix=config.reuse_prefix,
+                                    pad_guesses=self.pad_guesses)
         try:
             for token in tokens:
                 text, stopped = stopper.feed(decoder.push(token))

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .drafters import Drafter
+from .drafters import Drafter, NgramDrafter
 from .metrics import RequestMetrics
 from .picker import TokenPicker
 from .scheduler import WidthScheduler
@@ -43,12 +43,17 @@ class BusyClock:
 def speculative_decode(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: list[int], *,
                        max_new_tokens: int, picker: TokenPicker, eos_ids: set[int], metrics: RequestMetrics,
                        state: LoopState, clock: Callable[[], float] = time.perf_counter,
-                       reuse_prefix: bool = True) -> Iterator[int]:
-    """Yields generated tokens one by one (eos excluded); `state.finish_reason` says why it stopped."""
+                       reuse_prefix: bool = True, pad_guesses: bool = True) -> Iterator[int]:
+    """Yields generated tokens one by one (eos excluded); `state.finish_reason` says why it stopped.
+
+    A target whose calls are shaped for row-count invariance (`invariance.ShapedDecoder`) may compute rows past a
+    round's last token anyway; with `pad_guesses` those rows carry free n-gram guesses, verified like proposals
+    (a point-mass draft), so the padding can pay for itself. Output is unchanged either way."""
     now = BusyClock(clock)
+    guesser = PadGuesser(target) if pad_guesses else None
     try:
         yield from _rounds(target, drafter, scheduler, prompt_ids, max_new_tokens, picker, eos_ids, metrics, state, now,
-                           reuse_prefix)
+                           reuse_prefix, guesser)
     finally:
         now.resume()
         metrics.total_seconds = now()
@@ -56,7 +61,7 @@ def speculative_decode(target, drafter: Drafter, scheduler: WidthScheduler, prom
 
 def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: list[int], max_new_tokens: int,
             picker: TokenPicker, eos_ids: set[int], metrics: RequestMetrics, state: LoopState,
-            now: BusyClock, reuse_prefix: bool) -> Iterator[int]:
+            now: BusyClock, reuse_prefix: bool, guesser: "PadGuesser | None") -> Iterator[int]:
     # prefill: rows of a prompt prefix already in the cache (an earlier request's) are kept, the rest computed;
     # at least the last prompt token is fed again, since its logits choose the first token
     kept = target.reuse(prompt_ids, len(prompt_ids) - 1 if reuse_prefix else 0)
@@ -102,6 +107,10 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
             drafter.catch_up(tokens)
         t2 = now()
         proposal, draft_probs = drafter.propose(tokens, k, picker)  # [n<=k], [n, V] | None
+        drafted = len(proposal)
+        if guesser is not None:  # rows the shaped call computes anyway carry free guesses
+            proposal, draft_probs = guesser.extend(tokens, proposal, draft_probs, picker, metrics,
+                                                   min(context_left, max_new_tokens - metrics.generated_tokens) - 1)
         t3 = now()
         target_logits = target.step(np.concatenate([tokens[-1:], proposal]).astype(np.int64))  # [n+1, V]
         t4 = now()
@@ -109,11 +118,13 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         target.commit(accepted + 1)  # rows of the last token and the accepted proposals; the rest is dropped
         next_tokens = [*proposal[:accepted].tolist(), bonus]
         tokens.extend(next_tokens)
-        drafter.accepted(tokens, len(proposal), accepted)
+        drafter.accepted(tokens, drafted, accepted)
         t5 = now()
+        metrics.pad_guesses_accepted += max(0, accepted - drafted)
+        accepted = min(accepted, drafted)  # the drafter's own acceptance; guesses are counted apart
         metrics.draft_catchup_seconds += t2 - t1
-        metrics.record_round(k, len(proposal), accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
-        scheduler.record(k, len(proposal), accepted, t5 - t3, t3 - t2, drafter.uses_model,
+        metrics.record_round(k, drafted, accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
+        scheduler.record(k, drafted, accepted, t5 - t3, t3 - t2, drafter.uses_model,
                          catch_up=(lag if k else 0, t2 - t1))
 
 
@@ -122,3 +133,34 @@ def _grammar_complete(picker: TokenPicker, rest: list[int], eos_ids: set[int]) -
     emitted, which after a complete grammar can only be end of sequence)."""
     constraint = picker.constraint
     return constraint is not None and constraint.finished and all(token in eos_ids for token in rest)
+
+
+class PadGuesser:
+    """Free guesses for the rows a shaped target call pads with: prompt lookup (an n-gram index over the request's
+    tokens, no confidence cut). Used only where the call computes the rows anyway and no constraint applies."""
+
+    def __init__(self, target):
+        self.spare_rows = getattr(target, "spare_rows", None)  # None: calls are not shaped, nothing to fill
+        self.index = NgramDrafter(min_confidence=0.0) if self.spare_rows is not None else None
+
+    def extend(self, tokens: list[int], proposal: np.ndarray, draft_probs: np.ndarray | None, picker: TokenPicker,
+               metrics: RequestMetrics, budget: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """proposal [n] -> proposal + guesses [n + g] (and draft_probs with point masses for them); counts the
+        round's pad rows into `metrics`."""
+        if self.spare_rows is None:
+            return proposal, draft_probs
+        spare = self.spare_rows(len(proposal) + 1)
+        metrics.pad_rows += spare
+        room = min(spare, budget - len(proposal))
+        if room <= 0 or picker.constraint is not None:
+            return proposal, draft_probs
+        guesses = self.index.continuation(tokens, proposal.tolist(), room)
+        if not guesses:
+            return proposal, draft_probs
+        metrics.pad_guesses += len(guesses)
+        extended = np.concatenate([proposal, np.asarray(guesses, np.int64)])  # [n + g]
+        if draft_probs is not None:  # rejection sampling: a guess is a point-mass draft
+            masses = np.zeros((len(guesses), draft_probs.shape[1]), draft_probs.dtype)
+            masses[np.arange(len(guesses)), guesses] = 1.0
+            draft_probs = np.concatenate([draft_probs, masses])
+        return extended, draft_probs

@@ -51,6 +51,10 @@ class RequestMetrics:
     proposed_at_position: Counter = field(default_factory=Counter)  # position (1-based) -> proposals there
     accepted_at_position: Counter = field(default_factory=Counter)
     rejected_spans: list[tuple[int, int]] = field(default_factory=list)  # (output index of first rejected, length)
+    exact: bool | None = None  # the target's calls stayed on one numeric path (see runtime/invariance.py)
+    pad_rows: int = 0  # rows the target computed only to keep its calls on one numeric path (invariance shaping)
+    pad_guesses: int = 0  # of them, rows that carried a free n-gram guess instead of a filler token
+    pad_guesses_accepted: int = 0  # guesses the target confirmed: tokens gained from the padding
     seed: int | None = None  # the sampling seed used (drawn when the request passed none); None = greedy
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
@@ -152,6 +156,10 @@ class RequestMetrics:
             "accepted_at_position": {str(k): v for k, v in sorted(self.accepted_at_position.items())},
             "rejected_spans": [list(span) for span in self.rejected_spans],
             "rejected_tokens": sum(length for _, length in self.rejected_spans),
+            "exact": self.exact,
+            "pad_rows": self.pad_rows,
+            "pad_guesses": self.pad_guesses,
+            "pad_guesses_accepted": self.pad_guesses_accepted,
             "queue_seconds": self.queue_seconds,
             "prefill_seconds": self.prefill_seconds,
             "draft_seconds": self.draft_seconds,

@@ -125,3 +125,16 @@ def _private_verified_cache(tmp_path, monkeypatch):
     import spectrt.runtime.manifest as manifest_module
 
     monkeypatch.setattr(manifest_module, "_verified_cache_path", lambda: tmp_path / "verified-files.json")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_invariance_cache(tmp_path_factory):
+    """Row-count invariance results (measured once per bundle, machine and thread count) go to a folder of this
+    test session, not the user's cache: every session measures afresh on the machine that runs it."""
+    import spectrt.runtime.invariance as invariance
+
+    folder = tmp_path_factory.mktemp("invariance")
+    original = invariance._cache_path
+    invariance._cache_path = lambda key: folder / f"{key}.json"
+    yield folder
+    invariance._cache_path = original

@@ -1,7 +1,10 @@
 """Batch invariance: a position gets bit-identical logits whether the target computes it alone or inside a
 K+1-row verification call. This is what makes greedy speculative output equal plain decoding with int8
-activations (and what keeps fp32 graphs bit-exact too). Checked op path by op path on tiny models of both
-architectures and every weight scheme, and on real weights (SmolLM2, int4) end to end."""
+activations (and what keeps fp32 graphs bit-exact too). Which row counts agree is a property of the machine
+(its CPU's kernels, the onnxruntime version, the thread count), so the runtime measures it on the bundle's own
+graph and shapes every target call to the counts that agree (runtime/invariance.py). Checked on tiny models of
+both architectures and every weight scheme, and on real weights (SmolLM2, int4) end to end, on whatever CPU runs
+the tests; tests/test_invariance_standin.py covers kernel behaviours this CPU may not have."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from spectrt.compiler.config import BuildConfig
 from spectrt.compiler.progress import Progress
 from spectrt.runtime.backends.onnxruntime_backend import OrtDecoder, OrtOptions
 from spectrt.runtime.generator import Generator
+from spectrt.runtime.invariance import ShapedDecoder, measure_row_invariance, report_for
 
 ROW_COUNTS = (1, 2, 3, 5, 9)
 
@@ -52,16 +56,46 @@ def _differences(decoder, prompt, tokens) -> dict[int, float]:
     return {rows: float(np.abs(_logits_in_chunks(decoder, prompt, tokens, rows) - alone).max()) for rows in ROW_COUNTS}
 
 
+def _shaped(decoder, max_rows: int = 9):
+    """The decoder behind the call shaping the runtime would use on this machine (measured now)."""
+    shape, facts = measure_row_invariance(decoder, max_rows=max_rows)
+    assert shape is not None, f"no two row counts agree on this machine: {facts['classes']}"
+    return ShapedDecoder(decoder, shape, report_for(shape, facts, enabled=True, machine={})), shape
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_tiny_graphs_give_identical_logits_at_every_row_count(tiny_llama_pair, tiny_qwen_pair, tmp_path, arch,
                                                              quantize):
+    """Through the measured call shaping, every row count gives every position the logits of one-token steps
+    (prefills of several lengths included: the prompt's rows feed every later position)."""
     source = (tiny_llama_pair if arch == "llama" else tiny_qwen_pair)[0]
-    decoder = _export(source, tmp_path / "g.onnx", quantize=quantize)
+    decoder, _ = _shaped(_export(source, tmp_path / "g.onnx", quantize=quantize))
     rng = np.random.default_rng(0)
-    for prompt_len in (1, 7, 40):  # several cache lengths P
+    for prompt_len in (1, 7, 40, 150):  # several cache lengths P (150: a prefill in chunks)
         prompt, tokens = rng.integers(3, 290, prompt_len), rng.integers(3, 290, 9)
         assert _differences(decoder, prompt, tokens) == {rows: 0.0 for rows in ROW_COUNTS}
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_the_measured_agreeing_counts_agree_on_other_tokens_and_cache_lengths(tiny_llama_pair, tmp_path, quantize):
+    """The check runs on a few arbitrary tokens; what it finds holds for other tokens and cache lengths: raw calls
+    of any two agreeing counts give the positions they share the same logits."""
+    decoder = _export(tiny_llama_pair[0], tmp_path / "g.onnx", quantize=quantize)
+    _, shape = _shaped(decoder)
+    small = [rows for rows in shape.rows if rows <= 9]
+    rng = np.random.default_rng(7)
+    for prompt_len in (2, 11, 60):
+        prompt, tokens = rng.integers(3, 290, prompt_len), rng.integers(3, 290, max(small))
+        decoder.reset()
+        decoder.step(prompt)
+        decoder.commit(prompt_len)
+        by_count = {}
+        for rows in small:
+            decoder.rollback(prompt_len)
+            by_count[rows] = decoder.step(tokens[:rows]).copy()
+        for rows in small:
+            assert np.array_equal(by_count[rows], by_count[max(small)][:rows]), (prompt_len, rows)
 
 
 @pytest.fixture(scope="module")
