@@ -235,11 +235,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+INVARIANCE_OPTION = click.option(
+    "--invariance", type=click.Choice(["measure", "off"]), default="measure", show_default=True,
+    help="measure: check on this machine which row counts give the target's rows the same logits (seconds, cached) "
+         "and shape every target call to them, so speculative output is exactly plain decoding's; off: calls run "
+         "as asked (the result says exact: false where that is not exact here).")
+
+
 @main.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--verify", is_flag=True, help="Also check every file's size and sha256 against the manifest.")
-def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
+@click.option("--exactness", is_flag=True,
+              help="Load the target here and show whether speculative output is exact on this machine: the row "
+                   "counts checked, which agree, the call shaping in use and what it costs.")
+@click.option("--threads", type=int, default=0, help="With --exactness: ONNX Runtime threads (0 = its default).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="With --exactness: the backend to check.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "cpu-planned"]), default="auto",
+              show_default=True, help="With --exactness: the ONNX Runtime provider to check.")
+@INVARIANCE_OPTION
+def inspect_command(bundle: Path, as_json: bool, verify: bool, exactness: bool, threads: int, backend: str,
+                    provider: str, invariance: str) -> None:
     """Show what a bundle holds: models, widths, backends, profiles, validation, files."""
     from spectrt.runtime.manifest import read_manifest, verify_files
 
@@ -247,12 +264,37 @@ def inspect_command(bundle: Path, as_json: bool, verify: bool) -> None:
     if verify:
         verify_files(manifest)
     summary = build_summary(manifest.raw, bundle)
+    report = None
+    if exactness:
+        from spectrt.runtime.generator import Generator
+
+        report = Generator(bundle, backend=backend, threads=threads, provider=provider, load_draft=False,
+                           invariance=invariance).invariance
     if as_json:
-        click.echo(json.dumps(summary | {"manifest": manifest.raw}, indent=2))
+        extra = {"exactness": report.to_json()} if report is not None else {}
+        click.echo(json.dumps(summary | extra | {"manifest": manifest.raw}, indent=2))
     else:
         click.echo(format_summary(summary))
         if verify:
             click.echo("all files match their sha256")
+        if report is not None:
+            click.echo(format_exactness(report))
+
+
+def format_exactness(report) -> str:
+    """The row-count invariance report for humans."""
+    machine = report.machine
+    seconds = report.call_seconds
+    isa = ", ".join(machine.get("isa") or []) or "no ISA features read"
+    lines = [report.summary(),
+             f"  machine: {machine.get('cpu')} ({machine.get('arch')}; {isa}), onnxruntime {machine.get('onnxruntime')}, "
+             f"threads {machine.get('threads') or 'default'}, {machine.get('decoder')}",
+             f"  row counts checked: {', '.join(str(c) for c in report.checked)} "
+             f"({'read from the cache' if report.cached else f'measured now in {report.probe_seconds:.1f} s'})",
+             "  groups that compute a row alike: " + " | ".join(", ".join(str(c) for c in g) for g in report.classes),
+             "  seconds per call: " + ", ".join(f"{rows}: {seconds[rows] * 1e3:.1f} ms" for rows in
+                                               sorted(seconds, key=int))]
+    return "\n".join(lines)
 
 
 @main.command("compile")
@@ -386,11 +428,12 @@ def train_head_command(bundle: Path, workloads: str, text: tuple[str, ...], as_j
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "cpu-planned"]), default="auto", show_default=True,
               help="ONNX Runtime backend: cpu (host memory), cuda (the KV cache stays on the GPU), cpu-planned (host "
                    "memory through the GPU executors' memory plan: for checking it), auto (cuda when it can run here).")
+@INVARIANCE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print text, finish reason and all metrics as JSON.")
 def generate_command(bundle: Path, prompt: str | None, chat_message: str | None, max_new_tokens: int, stream: bool,
                      draft: str, width: str, json_schema: str | None, regex: str | None, grammar: str | None,
                      choices: tuple[str, ...], temperature: float, top_k: int, top_p: float, seed: int | None,
-                     accept: str, stop: tuple[str, ...], threads: int, backend: str, provider: str,
+                     accept: str, stop: tuple[str, ...], threads: int, backend: str, provider: str, invariance: str,
                      as_json: bool) -> None:
     """Generate text from BUNDLE with speculative decoding.
 
@@ -409,7 +452,7 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
                             json_schema=_text_or_file(json_schema, "--json-schema"), regex=regex,
                             grammar=_text_or_file(grammar, "--grammar"), choice=choices or None)
     generator = Generator(bundle, backend=backend, threads=threads, provider=provider,
-                          load_draft=draft in ("auto", "model", "head", "grammar+model"))
+                          load_draft=draft in ("auto", "model", "head", "grammar+model"), invariance=invariance)
     messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
     texts, token_ids, final = [], [], None
     for chunk in generator.stream(prompt, messages=messages, config=config):
@@ -424,12 +467,15 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
         click.echo(json.dumps({"text": "".join(texts), "token_ids": token_ids, "finish_reason": final.finish_reason,
                                "draft": generator.resolve_drafter(config.draft, config.constraint is not None),
                                "width": config.width, "metrics": metrics,
+                               "exactness": generator.invariance.to_json(),
                                "constraint": final.constraint.to_json() if final.constraint else None}, indent=2))
         return
     if not stream:
         click.echo("".join(texts), nl=False)
     click.echo("")
     click.secho(format_metrics(metrics, final.finish_reason), fg="cyan", err=True)
+    if not generator.invariance.exact:
+        click.secho(f"warning: {generator.invariance.summary()}", fg="yellow", err=True)
     if final.constraint is not None:
         c = final.constraint
         click.secho(f"[{c.kind} constraint] {c.forced_tokens} tokens forced by the grammar ({c.forced_accepted} "
@@ -486,9 +532,10 @@ def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
 @click.option("--reuse-prefix/--no-reuse-prefix", default=False, show_default=True,
               help="Let runs reuse the KV rows of the previous run's prompt (off: every run prefills cold, so TTFT "
                    "compares like with like).")
+@INVARIANCE_OPTION
 def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new_tokens: int, repeats: int,
                   warmup: int, prompts: int | None, threads: int, peer: str, peer_target: str | None,
-                  peer_draft: str | None, out: str | None, reuse_prefix: bool) -> None:
+                  peer_draft: str | None, out: str | None, reuse_prefix: bool, invariance: str) -> None:
     """Measure speculative decoding against plain decoding of the same target, in the same run.
 
     Writes results.json (every number, machine and versions), results.md (tables) and PNG plots.
@@ -504,7 +551,7 @@ def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new
                          widths=tuple(w if w == "auto" else int(w) for w in widths.split(",") if w),
                          max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, prompts=prompts,
                          threads=threads, out=out, peer=peer, peer_target=peer_target, peer_draft=peer_draft,
-                         reuse_prefix=reuse_prefix)
+                         reuse_prefix=reuse_prefix, invariance=invariance)
     results = run_benchmark(config, say=lambda m: click.echo(m, err=True))
     paths = write_report(results, Path(out))
     click.echo(paths["markdown"].read_text())
@@ -570,10 +617,11 @@ def demo_command(small: bool, max_new_tokens: int, prompt: str | None) -> None:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "cpu-planned"]), default="auto", show_default=True,
               help="ONNX Runtime backend: cpu, cuda (KV cache on the GPU) or auto (cuda when it can run here).")
+@INVARIANCE_OPTION
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queue: int, max_tokens: int,
-                  pacing: str, max_pacing_delay: float, threads: int, backend: str, provider: str,
+                  pacing: str, max_pacing_delay: float, threads: int, backend: str, provider: str, invariance: str,
                   log_level: str) -> None:
     """Serve BUNDLE over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models), with
     /health and Prometheus /metrics.
@@ -591,7 +639,9 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
         raise ConfigError(f"spectrt serve needs the serving extra: pip install 'spectrt[serve]' ({exc}).") from None
     if max_queue < 0 or max_tokens < 1 or max_pacing_delay < 0:
         raise ConfigError("--max-queue must be >= 0, --max-tokens >= 1 and --max-pacing-delay >= 0.")
-    generator = Generator(bundle, backend=backend, threads=threads, provider=provider)
+    generator = Generator(bundle, backend=backend, threads=threads, provider=provider, invariance=invariance)
+    if not generator.invariance.exact:
+        click.secho(f"warning: {generator.invariance.summary()}", fg="yellow", err=True)
     config = ServeConfig(model_name=name or generator.manifest.name, max_queue=max_queue,
                          default_max_tokens=max_tokens, pacing=pacing, max_pacing_delay=max_pacing_delay)
     serve(generator, config, host=host, port=port, log_level=log_level)

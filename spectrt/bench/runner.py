@@ -17,8 +17,8 @@ plain decoding (median per-prompt ratios).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -57,6 +57,7 @@ class BenchConfig:
     peer_target: str | None = None  # model path / known name for the peer (default: the bundle's sources)
     peer_draft: str | None = None
     reuse_prefix: bool = False  # off: every run prefills its whole prompt, so TTFT compares like with like
+    invariance: str = "measure"  # measure | off: the Generator's row-count invariance (runtime/invariance.py)
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 1:
@@ -74,9 +75,12 @@ class BenchConfig:
 class RunSpec:
     draft: str  # none | model | ngram
     width: str | int
+    unshaped: bool = False  # plain decoding with the target's calls not shaped for invariance: what shaping costs
 
     @property
     def label(self) -> str:
+        if self.unshaped:
+            return "plain-unshaped"
         return "plain" if self.draft == "none" else f"{self.draft}@{self.width}"
 
 
@@ -84,13 +88,14 @@ GRAMMAR_DRAFTS = ("grammar", "grammar+model", "grammar+ngram")
 
 
 def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: bool,
-              constrained: bool = False, has_head: bool = False) -> list[RunSpec]:
-    """Plain first, then each drafter x width. Grammar-forced drafters run on constrained workloads only; there,
-    when --draft names none of them, all that the bundle supports are added."""
+              constrained: bool = False, has_head: bool = False, shaped: bool = False) -> list[RunSpec]:
+    """Plain first (and, when the target's calls are shaped for invariance, plain with unshaped calls: the cost of
+    the shaping), then each drafter x width. Grammar-forced drafters run on constrained workloads only; there, when
+    --draft names none of them, all that the bundle supports are added."""
     drafts = [d for d in config.drafts if constrained or d not in GRAMMAR_DRAFTS]
     if constrained and not any(d in GRAMMAR_DRAFTS for d in drafts):
         drafts += [d for d in GRAMMAR_DRAFTS if has_draft or d != "grammar+model"]
-    specs = [RunSpec("none", 0)]
+    specs = [RunSpec("none", 0)] + ([RunSpec("none", 0, unshaped=True)] if shaped else [])
     for draft in drafts:
         if draft not in ("model", "head", "ngram", *GRAMMAR_DRAFTS):
             raise ConfigError(f"unknown drafter '{draft}'; choose model, head, ngram, grammar, grammar+model or "
@@ -203,6 +208,9 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         "total_seconds": sum(m["total_seconds"] for m in runs),
         "exact_match_with_plain": len(prompt_results) - len(mismatches),
         "mismatched_prompts": mismatches,
+        "exact": all(m.get("exact") for m in runs),  # every run's target calls stayed on one numeric path
+        "pad_rows": sum(m.get("pad_rows", 0) for m in runs),  # rows computed only for invariance
+        "pad_guesses_accepted": sum(m.get("pad_guesses_accepted", 0) for m in runs),  # tokens they gained
     }
     constrained = [c for result in prompt_results.values() for c in result.get("constraint", [])]
     if constrained:
@@ -248,24 +256,23 @@ def drafter_costs(runs: list[dict], plain_runs: list[dict]) -> dict[str, Any] | 
 
 
 def machine_info() -> dict[str, Any]:
-    import os
+    """CPU model, ISA features (avx2, avx512f, avx512_vnni, amx...), cores, OS, Python, onnxruntime, spectrt."""
+    from spectrt.runtime.machine import machine_facts
 
-    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "spectrt": __version__}
-    try:
-        import onnxruntime
+    facts = machine_facts()
+    return {"platform": facts["platform"], "machine": facts["arch"], "python": facts["python"], "cpus": facts["cpus"],
+            "spectrt": __version__, "onnxruntime": facts["onnxruntime"], "cpu": facts["cpu"], "isa": facts["isa"]}
 
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
+
+def _identical_counts(results: dict[str, Any]) -> dict[str, Any]:
+    """Speculative configurations' outputs identical to plain decoding, over every workload: {identical, runs}."""
+    identical = runs = 0
+    for data in results["workloads"].values():
+        for summary in data["summaries"]:
+            if summary["config"] not in ("plain", "plain-unshaped"):
+                identical += summary["exact_match_with_plain"]
+                runs += summary["prompts"]
+    return {"identical": identical, "runs": runs}
 
 
 def load_schemas(name_or_path: str) -> dict[str, Any]:
@@ -298,13 +305,15 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     from spectrt.runtime.generator import Generator
 
     check_peers_installed(config)  # an explicitly asked-for peer that cannot run is refused before any work
-    generator = Generator(config.bundle, threads=config.threads)
+    generator = Generator(config.bundle, threads=config.threads, invariance=config.invariance)
+    say(f"exactness on this machine: {generator.invariance.summary()}")
     has_head = generator.head is not None
+    shaped = generator.target is not getattr(generator.target, "inner", generator.target)
     run_specs(config, generator.built_widths, generator.draft is not None, has_head=has_head)  # refuse bad ones first
     workloads = {name: load_workload(name, config.prompts) for name in config.workloads}
     schemas = {name: load_schemas(name) for name in config.workloads}
     specs_of = {name: run_specs(config, generator.built_widths, generator.draft is not None, bool(schemas[name]),
-                                has_head)
+                                has_head, shaped)
                 for name in workloads}
     say(f"bundle {config.bundle}: " + "; ".join(f"{name}: {len(specs)} configurations ({', '.join(s.label for s in specs)})"
                                                  for name, specs in specs_of.items())
@@ -320,15 +329,18 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
             return prompt.request() | ({"json_schema": schema} if schema is not None else {})
 
         per_spec: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
+        def run(spec: RunSpec, prompt: Prompt):
+            with generator.unshaped() if spec.unshaped else contextlib.nullcontext():
+                return generator.generate(**request(prompt), max_new_tokens=config.max_new_tokens, draft=spec.draft,
+                                          width=spec.width, reuse_prefix=config.reuse_prefix)
+
         for _ in range(config.warmup):  # warm caches, sessions and the auto scheduler's cost model
             for spec in specs:
-                generator.generate(**request(prompts[0]), max_new_tokens=config.max_new_tokens,
-                                   draft=spec.draft, width=spec.width, reuse_prefix=config.reuse_prefix)
+                run(spec, prompts[0])
         for repeat in range(config.repeats):
             for prompt in prompts:
                 for spec in specs:
-                    result = generator.generate(**request(prompt), max_new_tokens=config.max_new_tokens,
-                                                draft=spec.draft, width=spec.width, reuse_prefix=config.reuse_prefix)
+                    result = run(spec, prompt)
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
                                                                         "metrics": [], "gaps": [],
                                                                         "repeats_identical": True})
@@ -367,6 +379,8 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     if generator.manifest.head is not None:
         results["draft_head"] = draft_head_facts(generator.manifest.head.raw, workloads)
     results["machine"] = machine_info()
+    results["exactness"] = generator.invariance.to_json()
+    results["exactness"]["identical_to_plain"] = _identical_counts(results)
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["command"] = " ".join(sys.argv)
