@@ -108,10 +108,11 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         loaded = load_model(source, arch=arch, tokenizer=tokenizer)
     onnx_path = work_dir / f"{role}.onnx"
     quantize = config.quantize_for(role)
-    # Quantized layers compute with int8 activations (MatMulNBits accuracy level 4): fast, and batch invariant,
-    # so a position gets bit-identical logits alone or inside a K+1-row verification (with the attention's
-    # padded query rows, GraphSpec.pad_attention_rows). fp32 compute (level 0) is not: onnxruntime's 1-row
-    # MatMulNBits path rounds differently (measured ~7e-5 logits on SmolLM2), so it is not offered.
+    # Quantized layers compute with int8 activations (MatMulNBits accuracy level 4): fast, and on the CPUs
+    # measured, row-invariant for calls of 2+ rows (AVX-512/VNNI: for every row count, with the attention's padded
+    # query rows, GraphSpec.pad_attention_rows; AVX2 only: a 1-row call differs, and the runtime shapes calls
+    # around it, runtime/invariance.py). fp32 compute (level 0) is not row-invariant at all (measured ~7e-5
+    # logits on SmolLM2), so it is not offered.
     level = 4
     logits_rows = logits_rows_for(role, config)
     features = config.head and role == "target"  # a draft head reads the target's final hidden states

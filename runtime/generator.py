@@ -234,7 +234,7 @@ class Generator:
         self.constraints = ConstraintCompiler(self.manifest.file(self.manifest.tokenizer_file),
                                               self.manifest.target.logits_vocab, self.eos_ids)
         self.built_widths = self.manifest.target.widths
-        self.max_context = self.manifest.target.max_context
+        self.max_context = self.target.max_context  # the bundle's, less rows kept free for padded calls
         self._costs: dict[str, CostModel] = {}
         self._acceptance: dict[tuple, LongRunAcceptance] = {}
         self._last_width: dict[str, int | None] = {}  # drafter -> width of the latest round

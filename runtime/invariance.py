@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from spectrt.errors import GenerationError
+
 from .machine import cache_root, machine_facts
 
 PROBE_VERSION = 2  # bump when the probe's method changes: cached results are then measured again
@@ -87,6 +89,15 @@ class CallShape:
         assert self.rows and len(self.rows) == len(self.seconds) and list(self.rows) == sorted(set(self.rows))
         object.__setattr__(self, "_plans", {})
 
+    @property
+    def max_pad(self) -> int:
+        """The most pad rows any call gets: a short call padded to the next agreeing count (never more; the cache
+        keeps that many rows free at the end of the context)."""
+        padded_max = self.visible if self.visible is not None else max(self.rows)
+        pads = [0 if c in self.rows else min((r for r in self.rows if c < r <= padded_max), default=c) - c
+                for c in range(1, padded_max)]
+        return max(pads, default=0)
+
     def plan(self, count: int) -> tuple[tuple[int, int], ...]:
         """(real rows, call rows) per call for `count` tokens, in order. An agreeing count runs as one call; a count
         below an agreeing count that returns all its rows' logits is padded to it; any other (a prefill, or a count
@@ -119,7 +130,7 @@ class CallShape:
         best = self._exact_splits(count, cost)
         options = []  # (total cost, pad rows, real rows of the last call, its rows)
         for rows in self.rows:
-            for real in range(1, min(rows, count) + 1):
+            for real in range(max(1, rows - self.max_pad), min(rows, count) + 1):
                 if (real == rows or rows <= padded_max) and best[0][count - real] < float("inf"):
                     options.append((best[0][count - real] + cost[rows], rows - real, real, rows))
         assert options, f"no plan for {count} rows from {self.rows}"
@@ -229,7 +240,7 @@ def _verified_chunks(decoder, sequence: np.ndarray, shape: CallShape, candidates
     shaped = ShapedDecoder(decoder, shape, None)
     verified = []
     for chunk in candidates:
-        if chunk <= max(shape.rows) or prefix_len + chunk + shape.rows[0] > decoder.max_context:
+        if chunk <= max(shape.rows) or prefix_len + chunk + shape.rows[0] + shape.max_pad > decoder.max_context:
             continue
         tokens = sequence[prefix_len : prefix_len + chunk]
         follow = sequence[prefix_len + chunk : prefix_len + chunk + shape.rows[0]]  # reads the chunk's KV rows
@@ -273,14 +284,14 @@ def report_for(shape: CallShape | None, facts: dict[str, Any], *, enabled: bool,
         exact, strategy = every_count_agrees and facts["chunk_rows"] is not None, "off"
         reason = ("call shaping is off, but every row count checked agrees here" if exact else
                   f"call shaping is off and row counts {_ranges(all_counts)} fall into {len(classes)} groups "
-                  f"that compute a row differently ({'; '.join(_ranges(g) for g in classes)}): speculative output "
+                  f"that compute a row differently ({' | '.join(_ranges(g) for g in classes)}): speculative output "
                   f"may differ from plain decoding")
     else:
         exact = True
         strategy = "as-is" if every_count_agrees else "pad"
         reason = ("every row count checked gives a row the same logits" if every_count_agrees else
-                  f"row counts {'; '.join(_ranges(g) for g in classes)} compute a row differently; calls use "
-                  f"{_ranges(shape.rows)} only")
+                  f"row counts fall into {len(classes)} groups that compute a row differently "
+                  f"({' | '.join(_ranges(g) for g in classes)}); calls use {_ranges(shape.rows)} only")
         if facts["chunk_rows"] is None:
             reason += "; no prefill chunk size agreed, so prefills run in calls of at most " \
                       f"{max(shape.rows)} rows"
@@ -361,7 +372,7 @@ class ShapedDecoder:
         self.inner = inner
         self.shape = shape
         self.report = report
-        self.max_context = inner.max_context
+        self.max_context = inner.max_context - shape.max_pad  # pad rows past the last position need cache rows
         self.vocab = inner.vocab
         self.logits_rows = getattr(inner, "logits_rows", None)
         self.features_size = getattr(inner, "features_size", None)
@@ -382,24 +393,20 @@ class ShapedDecoder:
 
     def spare_rows(self, count: int) -> int:
         """Pad rows a call of `count` tokens computes after its last real row: room for free guesses."""
-        if count > self.max_context - self.inner.length:
-            return 0
         real, rows = self.shape.plan(count)[-1]
-        return min(rows - real, self.max_context - self.inner.length - count)
+        return max(0, min(rows - real, self.max_context - self.inner.length - count))
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)  # [S]
         count = len(token_ids)
         plan = self.shape.plan(count) if count else ((0, 0),)
         self._count, self._done = count, 0
-        base = self.inner.length
-        room = self.max_context - base
+        if self.inner.length + count > self.max_context:
+            raise GenerationError(f"context limit reached: {self.inner.length} cached + {count} new tokens exceed "
+                                  f"{self.max_context} (the bundle's max context {self.inner.max_context}, less "
+                                  f"{self.shape.max_pad} rows kept free for calls padded to an agreeing row count); "
+                                  f"rebuild with a larger --max-context.")
         if len(plan) == 1 and plan[0][0] == plan[0][1]:  # agreeing already
-            logits = self.inner.step(token_ids)
-            self.last_features = getattr(self.inner, "last_features", None)
-            self._account(count, count)
-            return logits
-        if sum(rows for _, rows in plan) > room:  # padding would run past the cache: the plain call is the only one
             logits = self.inner.step(token_ids)
             self.last_features = getattr(self.inner, "last_features", None)
             self._account(count, count)

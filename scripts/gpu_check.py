@@ -6,6 +6,9 @@ Per executor (onnxruntime CPU reference, cpu-planned, ONNX Runtime CUDA, TensorR
   the product's promise) and with the CPU reference (reported: other kernels may flip a near-tie);
   the first step's logits compared with the reference's (max |difference|, within a tolerance: 1e-3
   for fp32, 0.25 for fp16 graphs and engines);
+- row-count invariance: which call row counts give a row the same logits on this executor (on TensorRT the
+  prefill profile against every verify_k profile), measured by the runtime at load, and the call shaping it uses
+  (`invariance`; an executor with no agreeing counts fails the check);
 - speed: plain and speculative decode tokens/s (median over prompts, after a warm-up run).
 An executor that cannot run here is listed with the reason. Nothing is claimed for an executor that
 did not run.
@@ -75,7 +78,11 @@ def check(bundle: Path, max_new_tokens: int, bench_tokens: int) -> dict:
             continue
         try:
             entry["ran"] = True
-            entry["decoder"] = type(generator.target).__name__
+            entry["decoder"] = type(getattr(generator.target, "inner", generator.target)).__name__
+            # which row counts give a row the same logits on this executor (TensorRT: the prefill profile against
+            # the verify_k profiles), measured when the Generator loaded, and the call shaping in use
+            entry["invariance"] = generator.invariance.to_json()
+            print(f"{name}: {generator.invariance.summary()}", flush=True)
             executor = getattr(generator.target, "executor", None)
             entry["executor"] = getattr(executor, "name", "onnxruntime-host-cache")
             mismatches, inexact = [], []
@@ -160,14 +167,18 @@ def main() -> int:
         print(bundle)
         return 0
     report = check(bundle, args.max_new_tokens, args.bench_tokens)
-    report["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "gpu": _gpu_name()}
+    from spectrt.runtime.machine import machine_facts
+
+    report["machine"] = {**machine_facts(), "platform": platform.platform(), "python": platform.python_version(),
+                         "gpu": _gpu_name()}
     report["seconds"] = round(time.perf_counter() - start, 1)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out} ({report['seconds']} s)")
     failed = []
     for name, entry in report["executors"].items():
         if entry.get("error") or (entry.get("ran") and (
-                entry["greedy_identical_to_own_plain"] != entry["greedy_runs"] or not entry["logits_within_tolerance"])):
+                entry["greedy_identical_to_own_plain"] != entry["greedy_runs"] or not entry["logits_within_tolerance"]
+                or not entry["invariance"]["exact"])):
             failed.append(name)
     for name in filter(None, args.require.split(",")):
         if not report["executors"].get(name, {}).get("ran"):

@@ -137,7 +137,7 @@ def test_inspect_exactness_shows_the_strategy_and_the_bad_case(bundle, standin):
     runner = CliRunner()
     shown = runner.invoke(main, ["inspect", str(bundle), "--exactness", "--threads", "1"])
     assert shown.exit_code == 0, shown.output
-    assert "exact: true" in shown.output and "pad" in shown.output and "1 | 5 | 9" not in shown.output
+    assert "exact: true" in shown.output and "(pad:" in shown.output and "2-4, 6-8, 10 | " in shown.output
     assert "row counts checked" in shown.output
     off = runner.invoke(main, ["inspect", str(bundle), "--exactness", "--threads", "1", "--invariance", "off",
                                "--json"])
@@ -179,3 +179,42 @@ def test_call_shape_plans_keep_the_last_row_visible_and_cost_least():
     noisy = CallShape(rows=(2, 3, 4), seconds=(0.05, 0.03, 0.04), visible=5)  # a call of more rows is never cheaper
     assert noisy.plan(2) == ((2, 2),)
     assert np.isfinite(noisy._costs()[4])
+
+
+def test_bad_invariance_mode_is_refused(bundle):
+    from spectrt.errors import GenerationError
+
+    with pytest.raises(GenerationError, match="invariance must be one of measure, off"):
+        Generator(bundle, invariance="assume")
+
+
+def test_another_cpu_library_or_thread_count_checks_again(bundle, monkeypatch):
+    """The cached result is keyed by what decides kernel paths: CPU model, ISA features, onnxruntime version,
+    threads, backend and the bundle's files; change any and the next load measures afresh."""
+    import spectrt.runtime.invariance as invariance
+    from spectrt.runtime.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    decoder = object()
+    key, machine = invariance.cache_key(manifest, backend="onnxruntime", threads=2, decoder=decoder)
+    assert machine["isa"] is not None and machine["onnxruntime"]
+    assert invariance.cache_key(manifest, backend="onnxruntime", threads=1, decoder=decoder)[0] != key
+    assert invariance.cache_key(manifest, backend="tensorrt", threads=2, decoder=decoder)[0] != key
+    facts = dict(invariance.machine_facts())
+    for change in ({"onnxruntime": "9.99"}, {"isa": ["avx2", "avx512f", "avx512_vnni"]}, {"cpu": "Other CPU"}):
+        monkeypatch.setattr(invariance, "machine_facts", lambda change=change: {**facts, **change})
+        assert invariance.cache_key(manifest, backend="onnxruntime", threads=2, decoder=decoder)[0] != key, change
+
+
+def test_pad_rows_never_run_past_the_cache(bundle, standin):
+    """The last position of the context: a plain step there would need a pad row past the cache, so the usable
+    context is the bundle's less the most pad rows a call gets; generation ends with 'context' and stays exact."""
+    generator = _generator(bundle)
+    target = generator.target
+    assert target.shape.max_pad == 1 and generator.max_context == 255
+    prompt = list(range(3, 3 + 240))
+    plain = generator.generate(prompt_ids=prompt, max_new_tokens=64, draft="none")
+    spec = generator.generate(prompt_ids=prompt, max_new_tokens=64, draft="ngram", width=8)
+    assert plain.finish_reason == spec.finish_reason == "context"
+    assert spec.token_ids == plain.token_ids and len(plain.token_ids) == 255 - 240 + 1  # the last needs no row
+    assert not any(odd_path_rows(count) for count in standin[-1].calls)

@@ -233,15 +233,18 @@ def test_paced_streaming_delivers_the_same_text(tiny_server):
 
 
 def test_health_models_and_metric_names(tiny_server):
-    assert httpx.get(f"{tiny_server.url}/health").json()["status"] == "ok"
+    health = httpx.get(f"{tiny_server.url}/health").json()
+    assert health["status"] == "ok" and health["exact"] is True and health["exactness"].startswith("exact: true")
     assert httpx.get(f"{tiny_server.url}/v1/models").json()["data"][0]["id"] == "tiny"
+    assert metric_sum(tiny_server.metrics(), "spectrt_exact") == 1.0  # the row-count check ran in the server
     text = httpx.get(f"{tiny_server.url}/metrics").text
     for name in ("spectrt_requests_total", "spectrt_generated_tokens_total", "spectrt_drafted_tokens_total",
                  "spectrt_accepted_tokens_total", "spectrt_rejected_spans_total", "spectrt_fallback_rounds_total",
                  "spectrt_draft_misses_total", "spectrt_time_to_first_token_seconds_bucket",
                  "spectrt_time_per_output_token_seconds_bucket", "spectrt_inter_chunk_gap_seconds_bucket",
                  "spectrt_round_latency_seconds_bucket", "spectrt_accepted_length_bucket", "spectrt_queue_depth",
-                 "spectrt_scheduler_width", "spectrt_acceptance_estimate"):
+                 "spectrt_scheduler_width", "spectrt_acceptance_estimate", "spectrt_pad_rows_total",
+                 "spectrt_pad_guesses_accepted_total", "spectrt_exact"):
         assert name in text, name
 
 

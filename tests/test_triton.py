@@ -449,6 +449,8 @@ def test_http_generate_stream_and_metrics(server, tiny_bundle):
     assert total("spectrt_rounds_total", model=MODEL) >= 1
     assert total("spectrt_time_to_first_token_seconds_count", model=MODEL) >= 1
     assert total("spectrt_time_to_first_token_seconds_bucket", model=MODEL, le="+Inf") >= 1
+    # each instance checked row-count invariance at load and reports it (1: exact on this machine)
+    assert total("spectrt_exact", model=MODEL) >= 1
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ only carry a plan out, so the arithmetic is exercised end to end on a CPU by the
 New K/V rows go straight into the cache at row P when `P * row_bytes` is a multiple of the address
 alignment (TensorRT requires 256 bytes); otherwise into the staging rows, followed by one copy per
 tensor. A call longer than the staging rows at an unaligned P is split: the rows up to the next
-aligned position are staged, the rest written in place (each row's logits do not depend on how many
-rows share a call: the graphs are batch invariant).
+aligned position are staged, the rest written in place. Such a split reaches the executor as calls of other
+row counts than the runtime's call shaping chose (runtime/invariance.py): the row-count check at load runs
+through the same plan, but only at its own cache lengths, so a split of a long prefill at another unaligned P
+is not covered by it (the GPU check compares every speculative output with plain decoding on the device).
 """
 
 from __future__ import annotations

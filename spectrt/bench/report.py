@@ -34,7 +34,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"- {config['max_new_tokens']} new tokens, greedy, {config['repeats']} repeats (median), warm-up {config['warmup']}, "
         f"prompts per workload: {config['prompts'] or 'all'}",
         f"- machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cpus')} cores, "
+        f"ISA {', '.join(results['machine'].get('isa') or []) or '?'}, "
         f"onnxruntime {results['machine'].get('onnxruntime')}",
+        *_exactness_lines(results.get("exactness")),
         f"- command: `{results['command']}`",
         *_head_lines(results.get("draft_head")),
         "",
@@ -51,6 +53,23 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += [f"## {workload}", ""] + _config_table(data["summaries"]) + [""] + _cost_table(data["summaries"])
     lines += _transformers_section(results) + _llamacpp_section(results)
     return "\n".join(lines)
+
+
+def _exactness_lines(exactness: dict[str, Any] | None) -> list[str]:
+    """The row-count invariance check of the run (results.json before it existed: nothing)."""
+    if not exactness:
+        return []
+    identical = exactness.get("identical_to_plain") or {}
+    seconds = exactness.get("call_seconds", {})
+    plain_rows = exactness.get("plain_step_rows", 1)
+    cost = (f"; a plain step computes {plain_rows} rows ({exactness['plain_step_cost']:.2f}x a 1-row call; "
+            f"plain-unshaped measures the difference end to end)" if plain_rows != 1 and exactness.get(
+                "plain_step_cost") else "")
+    return [f"- exact: **{str(exactness['exact']).lower()}** (strategy {exactness['strategy']}: "
+            f"{exactness['reason']}){cost}; {identical.get('identical', '?')} of {identical.get('runs', '?')} "
+            f"speculative prompt runs identical to plain decoding",
+            f"- row counts checked: {', '.join(str(c) for c in exactness.get('checked', []))}; "
+            f"seconds per call: {', '.join(f'{k}: {v * 1e3:.0f} ms' for k, v in sorted(seconds.items(), key=lambda i: int(i[0])))}"]
 
 
 def peers_of(results: dict[str, Any]) -> dict[str, Any]:

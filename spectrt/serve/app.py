@@ -53,7 +53,8 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="spectrt", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = ServerMetrics(config.model_name, lambda: engine.queue_depth, generator.scheduler_state)
+    metrics = ServerMetrics(config.model_name, lambda: engine.queue_depth, generator.scheduler_state,
+                            generator.invariance)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
 
     @app.exception_handler(RequestValidationError)
@@ -71,7 +72,8 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "queue_depth": engine.queue_depth}
+        return {"status": "ok", "model": config.model_name, "queue_depth": engine.queue_depth,
+                "exact": generator.invariance.exact, "exactness": generator.invariance.summary()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

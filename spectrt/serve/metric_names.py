@@ -15,4 +15,10 @@ TOKEN_COUNTERS = {
     "rounds": ("draft-verify rounds (target calls after the prefill)", "rounds"),
     "fallback_rounds": ("rounds at width 0 (plain decoding)", "fallback_rounds"),
     "draft_misses": ("rounds at width >= 1 where the drafter proposed nothing (n-gram misses)", "draft_misses"),
+    "pad_rows": ("target rows computed only to keep calls on one numeric path (row-count invariance)", "pad_rows"),
+    "pad_guesses_accepted": ("free n-gram guesses in pad rows that the target confirmed (tokens gained)",
+                             "pad_guesses_accepted"),
 }
+EXACT_HELP = ("1 if speculative output is token for token plain decoding's on this machine (the row counts of the "
+              "target's calls were checked here and calls are shaped to those that agree), else 0; `strategy` says "
+              "how: as-is, pad, off or none-found")

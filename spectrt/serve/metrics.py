@@ -11,16 +11,19 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .metric_names import ACCEPTED_LENGTH_BUCKETS, LATENCY_BUCKETS, TOKEN_COUNTERS
+from .metric_names import ACCEPTED_LENGTH_BUCKETS, EXACT_HELP, LATENCY_BUCKETS, TOKEN_COUNTERS
 
 
 class ServerMetrics:
     """The metric families of one server; `observe` adds a finished request."""
 
     def __init__(self, bundle: str, queue_depth: Callable[[], int],
-                 scheduler_state: Callable[[], dict[str, dict[str, Any]]]):
+                 scheduler_state: Callable[[], dict[str, dict[str, Any]]], exactness=None):
         self.bundle = bundle
         self.registry = CollectorRegistry()
+        if exactness is not None:  # the generator's InvarianceReport
+            exact = Gauge("spectrt_exact", EXACT_HELP, ("bundle", "strategy"), registry=self.registry)
+            exact.labels(bundle, exactness.strategy).set(1.0 if exactness.exact else 0.0)
         labels = ("bundle", "drafter")
         self.requests = Counter("spectrt_requests", "Requests finished, by finish reason (eos, length, stop, context; "
                                 "cancelled: the client went away; error: the generation failed).",

@@ -180,6 +180,7 @@ def usage(metrics: dict[str, Any]) -> dict[str, Any]:
         "total_tokens": metrics["prompt_tokens"] + metrics["generated_tokens"],
         **{key: metrics[key] for key in ("drafted_tokens", "accepted_tokens", "acceptance_rate", "rounds",
                                           "fallback_rounds", "draft_misses", "reused_prompt_tokens")},
+        "exact": metrics.get("exact"),  # the target's calls stayed on one numeric path (see GET /health)
     }
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from spectrt.serve.metric_names import LATENCY_BUCKETS as _LATENCY_BUCKETS
 from spectrt.serve.metric_names import TOKEN_COUNTERS as _TOKEN_COUNTERS
+from spectrt.serve.metric_names import EXACT_HELP
 
 # inputs with exactly one element, their Python type and the GenerateConfig field they set
 SCALAR_INPUTS = {
@@ -63,9 +64,13 @@ class TritonMetrics:
     """spectrt's request metrics through the Python backend's custom metrics API (one set per instance
     process; Triton sums instances with the same labels into one series)."""
 
-    def __init__(self, pb_utils, model: str):
+    def __init__(self, pb_utils, model: str, exactness=None):
         family = pb_utils.MetricFamily
         self.model = model
+        if exactness is not None:  # the generator's InvarianceReport: one gauge per instance
+            exact = family(name="spectrt_exact", description=EXACT_HELP, kind=family.GAUGE)
+            self._exact = exact.Metric(labels={"model": model, "strategy": exactness.strategy})
+            self._exact.set(1.0 if exactness.exact else 0.0)
         self.requests = family(name="spectrt_requests_total", kind=family.COUNTER,
                                description="Requests finished, by finish reason (eos, length, stop, context; "
                                            "cancelled; invalid: refused with spectrt's message; error: failed)")
@@ -224,13 +229,14 @@ class TritonPythonModel:
         self.output_dtypes = {output["name"]: pb_utils.triton_string_to_numpy(output["data_type"])
                               for output in config["output"]}
         try:
-            self.metrics = TritonMetrics(pb_utils, args["model_name"])
+            self.metrics = TritonMetrics(pb_utils, args["model_name"], self.generator.invariance)
         except Exception as exc:  # a Python backend without custom metrics: serve without them
             self.log.log_warn(f"spectrt: no custom metrics ({exc!r})")
             self.metrics = None
         self.log.log_info(f"spectrt: {args['model_name']} instance {args.get('model_instance_name')} loaded {bundle} "
                           f"(threads {threads}, widths {list(self.generator.built_widths)}, "
-                          f"draft {'model' if self.generator.draft is not None else 'none'})")
+                          f"draft {'model' if self.generator.draft is not None else 'none'}); "
+                          f"{self.generator.invariance.summary()}")
 
     def _observe(self, drafter: str, finish_reason: str, metrics=None) -> None:
         if self.metrics is not None:
