@@ -40,6 +40,8 @@ def test_constrained_benchmark(tiny_bundle, tmp_path):
     workload = data["workloads"][str(workload)]
     assert workload["constrained"] == "json_schema"
     summaries = {s["config"]: s for s in workload["summaries"]}
+    if data["exactness"]["strategy"] == "pad":  # this CPU needs row-count shaping: its cost is measured too
+        assert summaries.pop("plain-unshaped")["prompts"] == 2
     assert list(summaries) == ["plain", "model@auto", "model@2", "ngram@auto", "ngram@2", "grammar@auto",
                                "grammar@2", "grammar+model@auto", "grammar+model@2", "grammar+ngram@auto",
                                "grammar+ngram@2"]

@@ -68,8 +68,9 @@ class TritonMetrics:
         family = pb_utils.MetricFamily
         self.model = model
         if exactness is not None:  # the generator's InvarianceReport: one gauge per instance
-            exact = family(name="spectrt_exact", description=EXACT_HELP, kind=family.GAUGE)
-            self._exact = exact.Metric(labels={"model": model, "strategy": exactness.strategy})
+            # the family object must live as long as its metric: Triton drops a family when it is collected
+            self.exact_family = family(name="spectrt_exact", description=EXACT_HELP, kind=family.GAUGE)
+            self._exact = self.exact_family.Metric(labels={"model": model, "strategy": exactness.strategy})
             self._exact.set(1.0 if exactness.exact else 0.0)
         self.requests = family(name="spectrt_requests_total", kind=family.COUNTER,
                                description="Requests finished, by finish reason (eos, length, stop, context; "
