@@ -132,11 +132,9 @@ KNOWN_MODELS: dict[str, ModelSource] = {
 
 def default_cache_dir() -> Path:
     """``$SPECTRT_CACHE/models``, else ``$XDG_CACHE_HOME/spectrt/models``, else ``~/.cache/spectrt/models``."""
-    if os.environ.get("SPECTRT_CACHE"):
-        return Path(os.environ["SPECTRT_CACHE"]).expanduser() / "models"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "spectrt" / "models"
-    return Path.home() / ".cache" / "spectrt" / "models"
+    from spectrt.runtime.machine import cache_root
+
+    return cache_root() / "models"
 
 
 def _lookup(model: Union[str, ModelSource]) -> ModelSource:

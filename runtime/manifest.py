@@ -461,11 +461,9 @@ def file_facts(path: Path) -> dict[str, Any]:
 
 
 def _verified_cache_path() -> Path:
-    import os
+    from .machine import cache_root
 
-    root = os.environ.get("SPECTRT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spectrt")
-    return Path(root) / "verified-files.json"
+    return cache_root() / "verified-files.json"
 
 
 def _load_verified() -> dict[str, str]:
