@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from spectrt.errors import GenerationError
+from spectrt.runtime.errors import GenerationError
 
 CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "choice")
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from spectrt.errors import GenerationError
+from spectrt.runtime.errors import GenerationError
 
 from .constraints import ConstraintMetrics, MatcherView
 from .picker import TokenPicker

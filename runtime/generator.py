@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from spectrt.errors import BackendUnavailableError, GenerationError
+from spectrt.runtime.errors import BackendUnavailableError, GenerationError
 
 from .constraints import ConstraintCompiler, ConstraintMetrics, ConstraintSpec, RequestConstraint, constraint_spec
 from .drafters import make_drafter
@@ -242,6 +242,10 @@ class Generator:
         self.clock = time.perf_counter  # every duration in the metrics is read from this clock
         self._lock = threading.Lock()
         self._holder: int | None = None  # thread ident of the running request
+        # guards _costs, _acceptance and _last_width: the running request writes them on its thread while
+        # scheduler_state is read from others (a server's metrics scrape)
+        self._state_lock = threading.Lock()
+        self._closed = False
 
     # -- inputs -----------------------------------------------------------------------------------
     def encode(self, prompt: str | None, messages: list[dict[str, str]] | None,
@@ -276,11 +280,11 @@ class Generator:
     def scheduler_state(self) -> dict[str, dict[str, Any]]:
         """Per drafter: the width of the latest round and the long-run acceptance estimate of greedy `auto`
         requests (what the scheduler starts the next request from)."""
-        state = {}
-        for drafter, width in self._last_width.items():
-            long_run = self._acceptance.get((drafter, "greedy"))
-            state[drafter] = {"width": width, "acceptance": long_run.value if long_run else None}
-        return state
+        with self._state_lock:
+            widths = dict(self._last_width)
+            greedy = {drafter: self._acceptance.get((drafter, "greedy")) for drafter in widths}
+            return {drafter: {"width": width, "acceptance": greedy[drafter].value if greedy[drafter] else None}
+                    for drafter, width in widths.items()}
 
     @property
     def exact(self) -> bool:
@@ -310,9 +314,17 @@ class Generator:
                (config.draft, config.accept, round(params.temperature, 2), params.top_k, round(params.top_p, 2)))
         if config.constraint is not None:  # constrained output is accepted at other rates
             key = (*key, "constrained")
-        if key not in self._acceptance and len(self._acceptance) >= 64:
-            self._acceptance.pop(next(iter(self._acceptance)))  # forget the oldest settings
-        return self._acceptance.setdefault(key, LongRunAcceptance())
+        with self._state_lock:
+            if key not in self._acceptance and len(self._acceptance) >= 64:
+                self._acceptance.pop(next(iter(self._acceptance)))  # forget the oldest settings
+            return self._acceptance.setdefault(key, LongRunAcceptance())
+
+    def _cost_model(self, config: GenerateConfig) -> CostModel:
+        """The measured costs requests like this one are priced with: per drafter, and apart for constrained
+        requests (masked verification and grammar-forked drafting cost more than the unconstrained kind)."""
+        key = (config.draft, config.constraint is not None)
+        with self._state_lock:
+            return self._costs.setdefault(key, CostModel())
 
     def _config(self, config: GenerateConfig | None, options: dict[str, Any]) -> GenerateConfig:
         unknown = sorted(set(options) - {f.name for f in fields(GenerateConfig)})
@@ -322,6 +334,32 @@ class Generator:
         config = replace(config or GenerateConfig(), **options)
         config = replace(config, draft=self.resolve_drafter(config.draft, config.constraint is not None))
         return config
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free what the backends hold (device memory, streams, execution contexts, sessions). Waits for a
+        request running on another thread to finish; afterwards every request is refused. Idempotent."""
+        if self._closed:
+            return
+        self._acquire()
+        try:
+            self._closed = True
+            decoders = (getattr(self.target, "inner", self.target), self.draft, self.head)
+            seen: set[int] = set()
+            for decoder in decoders:
+                close = getattr(decoder, "close", None)
+                if decoder is not None and id(decoder) not in seen and callable(close):
+                    seen.add(id(decoder))
+                    close()
+            self.draft = self.head = None
+        finally:
+            self._release()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # -- generation -------------------------------------------------------------------------------
     def _acquire(self) -> float:
@@ -333,6 +371,9 @@ class Generator:
                                   "holding an open stream is refused the same way.)")
         start = self.clock()
         self._lock.acquire()
+        if self._closed:
+            self._lock.release()
+            raise GenerationError("this Generator was closed; load the bundle again (spectrt.load) to generate.")
         self._holder = threading.get_ident()
         try:
             return self.clock() - start
@@ -351,6 +392,8 @@ class Generator:
 
         The prompt is text, chat `messages` (rendered with the bundle's chat template) or token ids.
         Bad options raise GenerationError here, before anything runs."""
+        if self._closed:
+            raise GenerationError("this Generator was closed; load the bundle again (spectrt.load) to generate.")
         config = self._config(config, options)
         prompt_ids = self.encode(prompt, messages, prompt_ids)
         spec = config.constraint
@@ -386,7 +429,7 @@ class Generator:
         params = config.sampling
         seed = None if params.greedy else (config.seed if config.seed is not None else random_seed())
         long_run = self._long_run_acceptance(config)
-        scheduler = WidthScheduler(self.built_widths, width, costs=self._costs.setdefault(config.draft, CostModel()),
+        scheduler = WidthScheduler(self.built_widths, width, costs=self._cost_model(config),
                                    acceptance=long_run.start_request())
         picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept,
                              constraint=constraint)
@@ -417,9 +460,10 @@ class Generator:
                 state.finish_reason = "stop"
             else:
                 tail += stopper.flush()
-        if width == "auto":
-            long_run.update(scheduler.acceptance)
-        self._last_width[config.draft] = scheduler.last_width
+        with self._state_lock:
+            if width == "auto":
+                long_run.update(scheduler.acceptance)
+            self._last_width[config.draft] = scheduler.last_width
         self.aggregate.add(metrics, state.finish_reason)
         yield StreamChunk(None, tail, state.finish_reason, metrics, constraint.metrics if constraint else None)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.errors import BundleError, GenerationError
+from spectrt.runtime.errors import BundleError, GenerationError
 
 from .kv_cache import KVCache
 from .manifest import HeadEntry

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from spectrt.errors import GenerationError
+from spectrt.runtime.errors import GenerationError
 
 from .machine import cache_root, machine_facts
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from spectrt.errors import ConfigError, ModelLoadError
+from spectrt.runtime.errors import ConfigError, ModelLoadError
 
 from .backends.device_plan import DTYPE_BYTES, ModelGeometry, Profile, dynamic_profile, plan_memory
 from .manifest import Manifest, ModelEntry

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spectrt.errors import GenerationError
+from spectrt.runtime.errors import GenerationError
 
 
 @dataclass(frozen=True)

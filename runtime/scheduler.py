@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spectrt.errors import GenerationError
+from spectrt.runtime.errors import GenerationError
 
 
 def expected_tokens_per_round(acceptance: float, k: int) -> float:

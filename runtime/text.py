@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spectrt.errors import BundleError, GenerationError
+from spectrt.runtime.errors import BundleError, GenerationError
 
 
 class BundleTokenizer:

@@ -134,8 +134,8 @@ def test_grammar_forced_drafts_are_counted_and_cost_no_model(tiny_generator):
     assert combined.metrics.drafted_tokens > combined.constraint.forced_tokens > 0
     model = tiny_generator.generate(PROMPTS[0], draft="model", width=5, **options)
     assert model.constraint.forced_tokens == 0 and model.metrics.drafted_tokens > 0
-    # each is its own drafter for the width scheduler (costs and acceptance)
-    assert {"grammar", "grammar+model", "model"} <= set(tiny_generator._costs)
+    # each is its own drafter for the width scheduler (costs and acceptance), priced apart from unconstrained use
+    assert {("grammar", True), ("grammar+model", True), ("model", True)} <= set(tiny_generator._costs)
     assert tiny_generator.resolve_drafter("auto", constrained=True) == "grammar+model"
     auto = tiny_generator.generate(PROMPTS[0], **options)
     assert auto.constraint.forced_tokens > 0 and auto.token_ids == alone.token_ids

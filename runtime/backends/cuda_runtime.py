@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from spectrt.errors import BackendUnavailableError
+from spectrt.runtime.errors import BackendUnavailableError
 
 MEMCPY_HOST_TO_DEVICE = 1
 MEMCPY_DEVICE_TO_HOST = 2

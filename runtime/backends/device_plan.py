@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from spectrt.errors import GenerationError
+from spectrt.runtime.errors import GenerationError
 
 ALIGNMENT = 256  # bytes; TensorRT's requirement for every tensor address (setTensorAddress)
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int64": 8, "int32": 4}

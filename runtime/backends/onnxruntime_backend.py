@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.errors import BackendUnavailableError, BundleError, GenerationError
+from spectrt.runtime.errors import BackendUnavailableError, BundleError, GenerationError
 
 from ..kv_cache import KVCache
 from .base import CacheBookkeeping

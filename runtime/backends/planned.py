@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from spectrt.errors import BundleError
+from spectrt.runtime.errors import BundleError
 
 from ..kv_cache import NP_DTYPES, RowCounter
 from .base import CacheBookkeeping
@@ -221,7 +221,7 @@ def load_cuda_planned(entries: dict[str, Any], onnx_files: dict[str, Path], opti
 
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        from spectrt.errors import BackendUnavailableError
+        from spectrt.runtime.errors import BackendUnavailableError
 
         raise BackendUnavailableError(f"ONNX Runtime here has no CUDA provider (have {ort.get_available_providers()});"
                                       f" install onnxruntime-gpu on a machine with an NVIDIA GPU, or use provider 'cpu'.")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from spectrt.errors import BackendUnavailableError, BundleError, GenerationError
+from spectrt.runtime.errors import BackendUnavailableError, BundleError, GenerationError
 
 from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelLayout, plan_memory
 from .planned import PlannedDecoder, decoders_on, geometry, profiles_from_manifest
