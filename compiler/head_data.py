@@ -165,7 +165,7 @@ def text_files(paths: Iterable[str]) -> list[Path]:
 def training_prompts(workloads: Iterable[str], holdout: int = HOLDOUT):
     """Records of the named workloads after the first `holdout` (those are the benchmark's): the training split.
     A .jsonl path (your own prompts) is used whole."""
-    from spectrt.bench.workloads import load_workload
+    from spectrt.workloads import load_workload
 
     prompts = []
     for name in workloads:

@@ -4,5 +4,5 @@
 # Pass --small for the one-minute SmolLM2 version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec .venv/bin/spectrt demo "$@"

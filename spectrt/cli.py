@@ -648,7 +648,7 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
 
 
 def _plan_choices() -> tuple[list[str], list[str]]:
-    from spectrt.runtime.memory_plan import BACKENDS, DEVICES  # light: numbers and dataclasses only
+    from spectrt.plan import BACKENDS, DEVICES  # light: names and the device table; the planner loads lazily
 
     return list(BACKENDS), list(DEVICES)
 
@@ -683,7 +683,7 @@ def plan_command(source: Path | None, context: int | None, device: str | None, m
     SOURCE is a bundle folder, or a recipe (.toml) to plan before building it; or give --target and --draft
     (and the other build options) instead. Recipe mode reads the models' configs only (config.json, or GGUF
     metadata), never their weights. Every number says what it rests on (arithmetic, file size, a constant
-    measured on CPU, or an estimate); see spectrt/runtime/memory_plan.py.
+    measured on CPU, or an estimate); see spectrt/plan/.
 
     \b
     spectrt plan engines/qwen-coder-cpu --device orin-nano-8gb
@@ -691,7 +691,7 @@ def plan_command(source: Path | None, context: int | None, device: str | None, m
     spectrt plan engines/recipes/qwen2.5-coder.toml --precision fp16 --device orin-nx-16gb
     """
     from spectrt.errors import ConfigError
-    from spectrt.runtime import memory_plan
+    from spectrt import plan as memory_plan
 
     target_device = memory_plan.device_named(device, memory_gb)
     chosen = backends or memory_plan.BACKENDS

@@ -8,7 +8,7 @@ import pytest
 
 from spectrt.bench.report import write_report
 from spectrt.bench.runner import BenchConfig, run_benchmark
-from spectrt.bench.workloads import available_workloads, load_workload
+from spectrt.workloads import available_workloads, load_workload
 from spectrt.errors import ConfigError
 
 

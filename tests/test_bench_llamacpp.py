@@ -12,7 +12,7 @@ import pytest
 
 from spectrt.bench.report import write_report
 from spectrt.bench.runner import BenchConfig, check_peers_installed, run_benchmark, run_peers
-from spectrt.bench.workloads import Prompt
+from spectrt.workloads import Prompt
 from spectrt.errors import ConfigError
 
 REQUESTS = {"mini": [

@@ -9,7 +9,7 @@ import jsonschema
 
 from spectrt.bench.report import write_report
 from spectrt.bench.runner import BenchConfig, load_schemas, run_benchmark
-from spectrt.bench.workloads import load_workload
+from spectrt.workloads import load_workload
 
 
 def test_json_extraction_workload_has_schemas_for_every_prompt():

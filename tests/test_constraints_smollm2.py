@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from spectrt.bench.runner import load_schemas
-from spectrt.bench.workloads import load_workload
+from spectrt.workloads import load_workload
 from spectrt.runtime.generator import Generator
 
 pytestmark = pytest.mark.slow

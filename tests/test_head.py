@@ -58,7 +58,7 @@ def head_generator(head_bundle):
 
 def held_out_prompts(generator) -> list[list[int]]:
     """The code workload's first 8 records: the benchmark's, never trained on."""
-    from spectrt.bench.workloads import load_workload
+    from spectrt.workloads import load_workload
 
     return [generator.tokenizer.encode(p.prompt)[:96] for p in load_workload("code", 8)]
 
@@ -247,7 +247,7 @@ def test_interrupted_collection_resumes_to_the_same_data(head_bundle):
 def test_bench_reports_the_heads_training_and_any_trained_on_prompt(head_bundle, tmp_path):
     from spectrt.bench.report import write_report
     from spectrt.bench.runner import BenchConfig, run_benchmark
-    from spectrt.bench.workloads import load_workload
+    from spectrt.workloads import load_workload
 
     trained = load_workload("code")[9]  # a training-split record (code-10)
     custom = tmp_path / "mixed.jsonl"

@@ -1,4 +1,4 @@
-"""The memory planner (runtime/memory_plan.py): its arithmetic, its device checks, and its ONNX Runtime CPU
+"""The memory planner (spectrt/plan/): its arithmetic, its device checks, and its ONNX Runtime CPU
 prediction against the measured peak RSS of a real generation."""
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from click.testing import CliRunner
 
 from spectrt.cli import main
 from spectrt.errors import ConfigError
-from spectrt.runtime import memory_plan
+from spectrt import plan as memory_plan
+from spectrt.plan import memory as plan_memory
 from spectrt.runtime.backends.device_plan import dynamic_profile, plan_memory
 from spectrt.runtime.kv_cache import KVCache
 from spectrt.runtime.manifest import read_manifest
-from spectrt.runtime.memory_plan import DEVICES, GiB, MiB, ModelShape, device_named, make_plan, plan_bundle
+from spectrt.plan import DEVICES, device_named, make_plan, plan_bundle
+from spectrt.plan.calibration import GiB, MiB
+from spectrt.plan.shapes import ModelShape, shape_from_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +74,7 @@ def test_kv_cache_bytes_are_what_the_runtime_allocates():
 
 def _entries(bundle: Path) -> dict[str, ModelShape]:
     manifest = read_manifest(bundle)
-    return {e.role: memory_plan.shape_from_entry(manifest, e) for e in (manifest.target, manifest.draft)}
+    return {e.role: shape_from_entry(manifest, e) for e in (manifest.target, manifest.draft)}
 
 
 def test_weight_arithmetic_is_the_external_data_file_the_build_writes(tiny_bundle):
@@ -119,30 +122,44 @@ def test_recipe_mode_agrees_with_bundle_mode_on_the_smollm2_pair(smollm2_gguf, s
         assert recipe.backend(backend).total == pytest.approx(bundle.backend(backend).total, rel=0.03), backend
 
 
-QWEN_BUNDLE = ROOT / "engines" / "qwen-coder-cpu"
-QWEN_RECIPE = ROOT / "engines" / "recipes" / "qwen2.5-coder-cpu.toml"
-
-
-def test_recipe_and_bundle_of_the_qwen_cpu_pair_agree_through_the_cli():
-    """int4 weights with int8 output layers and the draft's reduced vocabulary, from the GGUF files' metadata."""
-    from spectrt.compiler.fetch import KNOWN_MODELS, default_cache_dir
-
-    names = ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
-    if not (QWEN_BUNDLE / "manifest.json").is_file() or not all(
-            (default_cache_dir() / KNOWN_MODELS[n].filename).is_file() for n in names):
-        pytest.skip("needs engines/qwen-coder-cpu built and both Qwen GGUF files fetched")
+def test_recipe_and_bundle_of_a_qwen2_int4_pair_agree_through_the_cli(tiny_qwen_pair, tmp_path):
+    """The CPU recipe's settings (int4 weights, int8 output layers, the draft's reduced vocabulary) on Qwen2's
+    layout (qkv bias, untied output layer): `spectrt plan RECIPE` before the build agrees with `spectrt plan BUNDLE`
+    after it, the weights to the byte."""
+    target, draft = tiny_qwen_pair
+    recipe_file = tmp_path / "qwen-int4.toml"
+    out = tmp_path / "qwen-int4"
+    recipe_file.write_text(f'''target = "{target}"
+draft = "{draft}"
+widths = [1, 2, 3]
+max_context = 64
+precision = "fp32"
+backend = "onnx"
+quantize = "int4"
+draft_vocab = 200
+validate = false
+out = "{out}"
+''')
     runner = CliRunner()
+    built = runner.invoke(main, ["build", str(recipe_file), "--json"])
+    assert built.exit_code == 0, built.output
     plans = {}
-    for source in (QWEN_BUNDLE, QWEN_RECIPE):
+    for source in (out, recipe_file):
         result = runner.invoke(main, ["plan", str(source), "--json"])
         assert result.exit_code == 0, result.output
         plans[source] = json.loads(result.output)
-    bundle, recipe = plans[QWEN_BUNDLE], plans[QWEN_RECIPE]
+    bundle, recipe = plans[out], plans[recipe_file]
     assert set(bundle["backends"]) == set(recipe["backends"]) == {"onnxruntime-cpu", "onnxruntime-cuda"}
+    assert bundle["models"]["draft"]["output_rows"] < bundle["models"]["draft"]["vocab"]
     for role in ("target", "draft"):
         files = bundle["models"][role]["weight_file_bytes"]
-        assert recipe["models"][role]["weight_file_bytes"] is None and files == bundle["models"][role]["weight_bytes"]
-        assert recipe["models"][role]["weight_bytes"] == pytest.approx(files, rel=0.01), role
+        assert files == sum((out / name).stat().st_size for name in (f"{role}.onnx", f"{role}.onnx.data"))
+        assert recipe["models"][role]["weight_file_bytes"] is None
+        assert recipe["models"][role]["quantize"] == bundle["models"][role]["quantize"] == "int4"
+        # the recipe's weight arithmetic is the external-data file to the byte (the .onnx protobuf is estimated)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["models"][role].items()
+                  if k != "weight_bytes"}
+        assert ModelShape(**fields).data_file_bytes() == (out / f"{role}.onnx.data").stat().st_size, role
     assert recipe["backends"]["onnxruntime-cpu"]["total_bytes"] == \
         pytest.approx(bundle["backends"]["onnxruntime-cpu"]["total_bytes"], rel=0.03)
 
@@ -153,7 +170,13 @@ def test_activation_estimate_grows_with_the_call_and_tensorrt_plans_for_its_prof
     assert shape.largest_call(context=2048, prefill=2000) == (2000, 0)
     assert shape.largest_call(context=2048, prefill=1) == (9, 2039)  # the widest verification at the end
     nbytes, why = memory_plan.tensorrt_activation_estimate(shape)
-    assert nbytes == shape.activation_bytes(2048, 2047) and "2048 new after 2047 cached" in why
+    assert "2048 new after 2047 cached" in why
+    # worked out by hand from the graph (fp32, S = 2048 new, T = 4095, S + 1 = 2049 query rows):
+    resident = 2 * 2048 * 1536 * 4 + 2049 * 4095 * 4 + 2 * 2048 * 128 * 4  # residual + norm, mask, rope cos/sin
+    attention = 2 * 12 * 2049 * 4095 * 4 + 12 * 2049 * 128 * 4 + 4 * 4095 * 2 * 128 * 4  # scores+probs, q, k/v
+    mlp = 4 * 2048 * 8960 * 4  # gate_up [S, 2I] and its two halves
+    logits = 9 * 151936 * 4  # the target's 9 logits rows
+    assert nbytes == resident + max(attention, mlp) + logits == 901_160_348
     # the scores [heads, S+1, T] fp32 (and their softmax) dominate a long prefill
     assert nbytes > 2 * 12 * 2049 * 4095 * 4
 
@@ -171,13 +194,20 @@ def test_gpu_plans_hold_the_device_arena_and_a_cpu_plan_only_host_memory():
     plan = _plan()
     cpu, cuda, trt = (plan.backend(b) for b in ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"))
     assert cpu.device_bytes == 0 and cpu.host_bytes == cpu.total
-    kv = sum(shape.kv_bytes(2048) for shape in plan.models.values())
-    assert cpu.term("kv_cache") == cuda.term("kv_cache") == trt.term("kv_cache") == kv
+    # both caches at 2048 rows: target 28 layers x 2 KV heads x 128, draft 24 layers x 2 x 64, keys and values, fp32
+    kv = 2 * 2048 * 4 * (28 * 2 * 128 + 24 * 2 * 64)
+    assert cpu.term("kv_cache") == cuda.term("kv_cache") == trt.term("kv_cache") == kv == 167_772_160
+    # the device arena's buffers, as runtime/backends/device_plan.py lays them out (its own tests check the layout)
     arena = plan_memory([(s.geometry(), (dynamic_profile(s.geometry()),)) for s in plan.models.values()]).breakdown()
     for name in ("staging", "logits", "token_ids"):
-        assert cuda.term(name) == arena[name]
+        assert cuda.term(name) == trt.term(name) == arena[name]
+    assert arena["logits"] >= (9 + 1) * 151936 * 4  # the target's 9 rows and the draft's row, fp32
     assert cuda.device_bytes > cuda.term("weights") > 0 and cuda.host_bytes > 0
-    assert trt.term("activations") == max(memory_plan.tensorrt_activation_estimate(s)[0] for s in plan.models.values())
+    # TensorRT reserves the largest profile's activations, a 2048-token prefill after 2047 rows: the target's is
+    # 901_160_348 B (worked out above); the draft's is larger, its 14 query heads' scores dominating:
+    resident = 2 * 2048 * 896 * 4 + 2049 * 4095 * 4 + 2 * 2048 * 64 * 4
+    attention = 2 * 14 * 2049 * 4095 * 4 + 14 * 2049 * 64 * 4 + 4 * 4095 * 2 * 64 * 4
+    assert trt.term("activations") == resident + attention + 1 * 151936 * 4 == 1_005_382_540
 
 
 def test_a_shorter_context_needs_less_host_memory_on_cpu_but_the_same_device_arena():

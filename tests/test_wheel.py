@@ -133,8 +133,8 @@ def test_wheel_ships_every_module_and_data_file(wheel_and_source):
     shipped = {n for n in names if ".dist-info/" not in n}
     expected = expected_wheel_files(src)
     # the data files the runtime and the benchmarks read, computed from the tree (must exist, must ship)
-    data = [src / "spectrt" / "py.typed", *(src / "spectrt" / "bench" / "workloads").glob("*.jsonl"),
-            *(src / "spectrt" / "bench" / "workloads").glob("*.md"), *(src / "runtime").rglob("*.json")]
+    data = [src / "spectrt" / "py.typed", *(src / "spectrt" / "workloads").glob("*.jsonl"),
+            *(src / "spectrt" / "workloads").glob("*.md"), *(src / "runtime").rglob("*.json")]
     assert (src / "spectrt" / "py.typed").is_file() and any(p.suffix == ".jsonl" for p in data)
     assert set(data) <= set(expected.values())
     modules = [p for p in expected.values() if p.suffix == ".py"]
@@ -185,12 +185,12 @@ def test_runtime_venv_has_no_build_stack(runtime_venv):
 
 @pytest.mark.slow
 def test_runtime_venv_imports_backends_and_workloads(runtime_venv, wheel_and_source):
-    _venv_python(runtime_venv, "import spectrt.runtime.backends, spectrt.bench.workloads")
-    out = _venv_python(runtime_venv, "import json; from spectrt.bench.workloads import available_workloads, load_workload; "
+    _venv_python(runtime_venv, "import spectrt.runtime.backends, spectrt.workloads")
+    out = _venv_python(runtime_venv, "import json; from spectrt.workloads import available_workloads, load_workload; "
                                      "print(json.dumps({'available': available_workloads(), "
                                      "'code': [p.id for p in load_workload('code', 2)]}))")
     result = json.loads(out.stdout)
-    assert result["available"] == sorted(p.stem for p in (wheel_and_source[1] / "spectrt" / "bench" / "workloads").glob("*.jsonl"))
+    assert result["available"] == sorted(p.stem for p in (wheel_and_source[1] / "spectrt" / "workloads").glob("*.jsonl"))
     assert len(result["code"]) == 2
 
 

@@ -32,7 +32,7 @@ from spectrt import __version__
 from spectrt.errors import ConfigError, FetchError
 from spectrt.runtime.scheduler import acceptance_from_mean_accepted, expected_speedup
 
-from .workloads import WORKLOAD_DIR, Prompt, load_workload
+from spectrt.workloads import WORKLOAD_DIR, Prompt, load_workload
 
 
 PEERS = ("transformers", "llamacpp")  # transformers generate (+ assistant_model); llama.cpp (+ prompt lookup)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from spectrt.errors import ConfigError
 
 from .runner import _percentile, machine_info
-from .workloads import load_workload
+from spectrt.workloads import load_workload
 
 CONCURRENCY_CONFIGS = {
     "plain": {"draft": "none", "reuse_prefix": False},

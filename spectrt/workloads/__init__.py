@@ -1,4 +1,5 @@
-"""Workload prompt sets shipped with spectrt (spectrt/bench/workloads/*.jsonl, CC0-1.0)."""
+"""Prompt sets shipped with spectrt (spectrt/workloads/*.jsonl, CC0-1.0): the bench's workloads, and the
+training prompts `spectrt train-head` draws from by default (their training split)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from spectrt.errors import ConfigError
 
-WORKLOAD_DIR = Path(__file__).parent / "workloads"
+WORKLOAD_DIR = Path(__file__).parent
 
 
 @dataclass(frozen=True)

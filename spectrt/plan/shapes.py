@@ -1,0 +1,199 @@
+"""One model as the planner sees it: architecture numbers, how the build stores its weights, its calls."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spectrt.runtime.backends.device_plan import DTYPE_BYTES, ModelGeometry, Profile
+from spectrt.runtime.manifest import Manifest, ModelEntry
+
+from .calibration import KiB
+
+
+DATA_ALIGN = 4096  # compiler/onnx_graph.py starts every external tensor on a page boundary
+GRAPH_BYTES_PER_LAYER = 7 * KiB  # .onnx protobuf per decoder layer (Qwen2.5 1.5B: 201875 B / 28 layers)
+
+
+# -- models ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """One model's graph as the planner sees it: architecture numbers plus how the build stores it."""
+
+    role: str  # target | draft
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab: int  # logits width (the shared tokenizer's size)
+    output_rows: int  # rows of the output layer: vocab, or the draft's subset (draft_vocab)
+    tie_word_embeddings: bool
+    attention_bias: bool
+    precision: str  # fp32 | fp16
+    quantize: str  # none | int8 | int4 (MatMulNBits, int8 activations; the output layer int8)
+    block_size: int
+    max_context: int
+    logits_rows: int  # the graph returns logits for the last min(S, logits_rows) positions
+    widths: tuple[int, ...]  # target: built speculation widths; draft: ()
+    weight_file_bytes: int | None = None  # bundle mode: sizes of the ONNX graph + its external data
+    engine_file_bytes: int | None = None  # bundle mode with TensorRT engines: the engine's size
+    engine_profiles: tuple[Profile, ...] = ()
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize != "none"
+
+    @property
+    def label(self) -> str:
+        return self.precision + (f"+{self.quantize}" if self.quantized else "")
+
+    def geometry(self) -> ModelGeometry:
+        """The device plan's view of this model (as runtime/backends/planned.py derives it from a manifest)."""
+        max_fixed_step = (max(self.widths) + 1) if self.widths else 2
+        return ModelGeometry(self.role, self.num_layers, self.num_kv_heads, self.head_dim, self.precision, self.vocab,
+                             self.max_context, self.logits_rows, max_fixed_step)
+
+    def kv_bytes(self, rows: int) -> int:
+        """Both caches (keys and values) of every layer for `rows` positions, as runtime/kv_cache.py lays them out."""
+        return 2 * self.num_layers * rows * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.precision]
+
+    def weights(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(kind, tensor bytes) of every weight compiler/onnx_graph.py writes to the external-data file, in its order
+        (a quantized weight is several tensors: levels, scales, and for int4 zero points).
+
+        The kind says how ONNX Runtime's CPU provider holds it: "float" and "int4"/"int8" weights are prepacked by
+        their MatMul/Gemm/MatMulNBits kernel (the original released), a "table" only read by a Gather (untied
+        embeddings) stays memory-mapped from the file, resident only where rows are read, a "shared" table (tied
+        embeddings and output layer) is read by both, "small" tensors (norms, biases, rope tables) are held as is."""
+        b = DTYPE_BYTES[self.precision]
+        weights: list[tuple[str, tuple[int, ...]]] = []
+
+        def table_int8(kind: str, rows: int, k: int) -> None:  # int8 blocks: uint8 levels, scales
+            weights.append((kind, (rows * k, rows * (k // self.block_size) * b)))
+
+        def linear(n: int, k: int) -> None:  # y = x @ W^T, W [N, K]
+            if not self.quantized:
+                weights.append(("float", (n * k * b,)))
+                return
+            bits = 8 if self.quantize == "int8" else 4
+            blocks = k // self.block_size
+            tensors = (n * blocks * self.block_size * bits // 8, n * blocks * b)
+            if bits == 4:
+                tensors += (n * math.ceil(blocks / 2),)  # zero points, two per byte
+            weights.append((f"int{bits}", tensors))
+
+        shared = self.tie_word_embeddings and self.output_rows == self.vocab  # one table: embeddings and output layer
+        if self.quantized:  # the output layer (and the embeddings read from it) stay int8 blocks
+            table_int8("shared" if shared else "int8", self.output_rows, self.hidden_size)
+            if not shared:
+                table_int8("table", self.vocab, self.hidden_size)
+        else:
+            weights.append(("shared" if shared else "table", (self.vocab * self.hidden_size * b,)))
+            if not shared:
+                weights.append(("float", (self.output_rows * self.hidden_size * b,)))
+        weights += [("small", (self.max_context * self.head_dim * b,))] * 2  # rope cos, sin
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        for _ in range(self.num_layers):
+            weights.append(("small", (self.hidden_size * b,)))  # input norm
+            linear(qkv, self.hidden_size)
+            if self.attention_bias:
+                weights.append(("small", (qkv * b,)))
+            linear(self.hidden_size, self.num_heads * self.head_dim)
+            weights.append(("small", (self.hidden_size * b,)))  # post-attention norm
+            linear(2 * self.intermediate_size, self.hidden_size)  # gate and up, one matrix
+            linear(self.hidden_size, self.intermediate_size)
+        weights.append(("small", (self.hidden_size * b,)))  # final norm
+        return weights
+
+    def data_file_bytes(self) -> int:
+        """Size of the external-data file compiler/onnx_graph.py writes: every tensor starts on a page."""
+        sizes = [size for _, tensors in self.weights() for size in tensors]
+        return sum(-(-size // DATA_ALIGN) * DATA_ALIGN for size in sizes[:-1]) + sizes[-1]
+
+    def weight_kinds(self) -> dict[str, int]:
+        """Bytes per kind of weight (see `weights`); the graph's own protobuf counts as "small"."""
+        kinds = {"float": 0, "int4": 0, "int8": 0, "table": 0, "shared": 0, "small": self.graph_file_bytes()}
+        for kind, tensors in self.weights():
+            kinds[kind] += sum(tensors)
+        return kinds
+
+    def largest_prepacked(self) -> int:
+        """Bytes of the largest weight a kernel prepacks: while it is packed, its original is resident too."""
+        return max((sum(tensors) for kind, tensors in self.weights() if kind != "table" and kind != "small"),
+                   default=0)
+
+    def graph_file_bytes(self) -> int:
+        """Size of the .onnx graph itself: nodes and small constants (about GRAPH_BYTES_PER_LAYER per layer, measured
+        on the bundles built here) plus the draft's output-id table [1, Vo] int64 when its vocabulary is reduced."""
+        inline = 8 * self.output_rows if self.output_rows != self.vocab else 0
+        return GRAPH_BYTES_PER_LAYER * self.num_layers + inline
+
+    def weight_bytes(self) -> int:
+        """The ONNX graph's weights and constants: the bundle's files when known, else their sizes from the
+        architecture (data_file_bytes + graph_file_bytes)."""
+        if self.weight_file_bytes is not None:
+            return self.weight_file_bytes
+        return self.data_file_bytes() + self.graph_file_bytes()
+
+    def activation_bytes(self, new: int, past: int) -> int:
+        """Intermediate tensors alive at once in one call of `new` tokens after `past` cached rows: the peak of
+        the graph compiler/onnx_graph.py builds, when each tensor is freed after its last consumer.
+
+        Alive throughout: the residual stream and its norm [S, H], the causal mask [S+1, T] fp32, rope cos/sin.
+        At the attention's softmax: scores and probabilities [heads, S+1, T] fp32 (S+1: the padded query row),
+        the queries, and past+new keys and values, concatenated and transposed [T, kv, D] (x4).
+        At the MLP's split: gate_up [S, 2I] and its halves [S, I] (x2).
+        Quantized graphs add MatMulNBits' int8 copy of its input (with a scale per block); the output layer
+        adds its logits rows (over the draft's subset, then scattered to the whole vocabulary)."""
+        b = DTYPE_BYTES[self.precision]
+        rows, total = new + 1, past + new
+        resident = 2 * new * self.hidden_size * b + rows * total * 4 + 2 * new * self.head_dim * b
+        attention = (2 * self.num_heads * rows * total * 4 + self.num_heads * rows * self.head_dim * b
+                     + 4 * total * self.num_kv_heads * self.head_dim * b)
+        mlp = 4 * new * self.intermediate_size * b
+        quantized_input = (new * max(self.hidden_size, self.intermediate_size) * (1 + 4 / self.block_size)
+                           if self.quantized else 0)
+        logit_rows = min(new, self.logits_rows)
+        logits = logit_rows * self.output_rows * 4 + (logit_rows * self.vocab * 4 if self.output_rows != self.vocab
+                                                      else 0)
+        return int(resident + max(attention, mlp) + quantized_input + logits)
+
+    def largest_call(self, context: int, prefill: int) -> tuple[int, int]:
+        """(new, past) of the call with the most activation memory among: the prompt's prefill, and the widest
+        step this model takes at the end of `context` tokens."""
+        step = (max(self.widths) + 1) if self.widths else 2
+        step = min(step, context)
+        calls = [(min(prefill, context), 0), (step, context - step)]
+        return max(calls, key=lambda call: self.activation_bytes(*call))
+
+
+# -- bundle mode ----------------------------------------------------------------------------------------------------
+
+
+def shape_from_entry(manifest: Manifest, entry: ModelEntry) -> ModelShape:
+    """ModelShape of a manifest model, with the sizes of its files."""
+    arch, raw = entry.raw["arch"], entry.raw
+    quantization = raw.get("quantization") or {}
+    output_vocab = raw.get("output_vocab") or {}
+    onnx_files = [p for p in (entry.onnx_path, entry.onnx_data) if p is not None]
+    weight_bytes = sum(manifest.files[p]["size"] for p in onnx_files) if onnx_files else None
+    engine_bytes = manifest.files[entry.tensorrt_path]["size"] if entry.tensorrt_path else None
+    profiles: tuple[Profile, ...] = ()
+    if entry.tensorrt:
+        from spectrt.runtime.backends.planned import profiles_from_manifest
+
+        profiles = profiles_from_manifest(entry, {})
+    return ModelShape(
+        role=entry.role, num_layers=entry.num_layers, hidden_size=arch["hidden_size"], num_heads=arch["num_heads"],
+        num_kv_heads=entry.num_kv_heads, head_dim=entry.head_dim, intermediate_size=arch["intermediate_size"],
+        vocab=entry.logits_vocab, output_rows=output_vocab.get("size", entry.logits_vocab),
+        tie_word_embeddings=bool(arch.get("tie_word_embeddings")), attention_bias=bool(arch.get("attention_bias")),
+        precision=entry.precision, quantize=quantization.get("scheme", "none"),
+        block_size=quantization.get("block_size", 32), max_context=entry.max_context,
+        logits_rows=entry.logits_rows if entry.logits_rows is not None else entry.max_context,
+        widths=tuple(entry.widths), weight_file_bytes=weight_bytes, engine_file_bytes=engine_bytes,
+        engine_profiles=profiles)
