@@ -378,7 +378,6 @@ class ShapedDecoder:
         self.features_size = getattr(inner, "features_size", None)
         self._done = 0  # rows of the latest step already committed in the inner decoder (earlier calls of it)
         self._count = 0  # rows the latest step was asked for
-        self._logits: np.ndarray | None = None  # [R, V] assembled for multi-call steps
         self._features: np.ndarray | None = None  # [max_context, H] assembled for multi-call steps
         self.last_features: np.ndarray | None = None
         self.rows_computed = 0  # rows run by the backend (pad rows included), for measurement
@@ -412,7 +411,7 @@ class ShapedDecoder:
             self._account(count, count)
             return logits
         visible_rows = min(count, self.logits_rows or count)
-        out = self._logits_buffer(visible_rows)
+        out = np.empty((visible_rows, self.vocab), np.float32)  # [R, V] assembled from the calls; the caller's
         first_visible = count - visible_rows
         filled = 0
         position = 0
@@ -441,11 +440,6 @@ class ShapedDecoder:
     def _account(self, real: int, rows: int) -> None:
         self.rows_asked += real
         self.rows_computed += rows
-
-    def _logits_buffer(self, rows: int) -> np.ndarray:
-        if self._logits is None or self._logits.shape[0] < rows:
-            self._logits = np.zeros((max(rows, self.logits_rows or 1), self.vocab), np.float32)
-        return self._logits[:rows]
 
     def _features_buffer(self) -> np.ndarray:
         if self._features is None:

@@ -62,6 +62,12 @@ class ModelGeometry:
         return 0 if self.align_period == 1 else self.max_fixed_step + self.align_period
 
 
+def fixed_step_rows(widths) -> int:
+    """The longest call a model makes outside prefill: a target verifies K drafted tokens plus one (max width +
+    1); a draft (no widths) feeds at most 2 tokens, the last accepted draft token and the target's bonus token."""
+    return max(widths) + 1 if widths else 2
+
+
 @dataclass(frozen=True)
 class Profile:
     """One optimization profile of an engine (ONNX Runtime graphs have one: everything dynamic)."""

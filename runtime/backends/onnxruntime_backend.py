@@ -9,7 +9,7 @@ import numpy as np
 
 from spectrt.runtime.errors import BackendUnavailableError, BundleError, GenerationError
 
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, RowCounter
 from .base import CacheBookkeeping
 from ..manifest import TensorSpec, compare_io, expected_graph_io
 
@@ -154,7 +154,6 @@ class OrtDecoder(CacheBookkeeping):
         self.vocab = vocab
         super().__init__(KVCache(num_layers, max_context, kv_heads, head_dim, precision))
         self.logits_rows = logits_rows  # the graph returns logits for the last min(S, logits_rows) positions
-        self._logits = np.zeros((1, min(logits_rows or max_context, max_context), vocab), np.float32)  # [1, R, V]
         self._np_dtype = self.cache.dtype
         # graphs built for a draft head also return the final hidden state of every position
         self.features_size = next((o.shape[2] for o in self.session.get_outputs() if o.name == "features"), None)
@@ -163,8 +162,11 @@ class OrtDecoder(CacheBookkeeping):
         self.last_features: np.ndarray | None = None  # [S, H] of the last step (a view into a reused buffer)
 
     def _forward(self, token_ids: np.ndarray) -> np.ndarray:
-        """token_ids [S] -> logits [R, V] of the last R = min(S, logits_rows) positions (a view into a reused buffer:
-        copy it if you keep it)."""
+        """token_ids [S] -> logits [R, V] of the last R = min(S, logits_rows) positions, in a new array per step (the
+        caller's to keep; ONNX Runtime writes into it directly, so there is no copy)."""
+        if self.session is None:
+            raise GenerationError("this decoder was closed (its ONNX Runtime session released); load the bundle "
+                                  "again to generate.")
         token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(1, -1)  # [1, S]
         count = token_ids.shape[1]
         if count == 0:
@@ -174,7 +176,7 @@ class OrtDecoder(CacheBookkeeping):
                                   f"max context {self.max_context} of this bundle (rebuild with a larger --max-context).")
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", token_ids)
-        logits = self._logits[:, : min(count, self._logits.shape[1])]  # [1, R, V], contiguous
+        logits = np.empty((1, min(count, self.logits_rows or count), self.vocab), np.float32)  # [1, R, V]
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         if self._features is not None:
             features = self._features[:, :count]  # [1, S, H], contiguous
@@ -189,4 +191,13 @@ class OrtDecoder(CacheBookkeeping):
                 binding.bind_output(name, "cpu", 0, self._np_dtype, array.shape, array.ctypes.data)
         self.session.run_with_iobinding(binding)
         return logits[0]
+
+    def close(self) -> None:
+        """Release the session and the KV cache's memory (ONNX Runtime frees a session with its last reference).
+        Idempotent; a later step raises GenerationError."""
+        self.session = None
+        self.cache = RowCounter(self.max_context)  # bookkeeping still answers (length 0), the arrays are gone
+        self.cached_tokens, self._pending = [], []
+        self._features = None
+        self.last_features = None
 

@@ -3,6 +3,8 @@
 An executor owns the arena (one allocation holding every buffer of both models) and carries out
 `CallPlan`s: it binds every tensor at `base + offset`, runs the call, then does the plan's copies.
 The decoder only does bookkeeping (how many rows are committed) and asks the planner for calls.
+Several decoders (target and draft) share one executor: closing any of them closes it (frees the arena,
+the sessions or contexts, the stream), and every decoder on it refuses to step afterwards.
 
 Executors:
 - `HostOrtExecutor`: ONNX Runtime's CPU provider on a host-memory arena. It runs exactly the plans the
@@ -13,22 +15,24 @@ Executors:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from spectrt.runtime.errors import BundleError
+from spectrt.runtime.errors import BundleError, GenerationError
 
 from ..kv_cache import NP_DTYPES, RowCounter
 from .base import CacheBookkeeping
 from .device_plan import (ALIGNMENT, CallPlan, Copy, DevicePlan, ModelGeometry, ModelLayout, Profile, dynamic_profile,
-                          plan_memory, plan_step)
+                          fixed_step_rows, plan_memory, plan_step)
 
 
 class Executor(Protocol):
     name: str
+    closed: bool
 
     def write_tokens(self, layout: ModelLayout, token_ids: np.ndarray) -> None:
         """Put a call's token ids [S] int64 at the start of the model's token slots."""
@@ -37,7 +41,23 @@ class Executor(Protocol):
         """Run one call (shapes and addresses from the plan), then its copies."""
 
     def read_logits(self, layout: ModelLayout, rows: int) -> np.ndarray:
-        """The first `rows` rows of the model's logits buffer, [rows, V] fp32 in host memory."""
+        """The first `rows` rows of the model's logits buffer, [rows, V] fp32 in host memory: possibly a view into
+        a buffer the next call overwrites (the decoder copies it out)."""
+
+    def close(self) -> None:
+        """Free the arena and everything else the executor holds; idempotent. Sets `closed`."""
+
+
+def release_all(releases: list[tuple[Any, int]]) -> None:
+    """Call every (free function, handle) pair, even after one fails; then raise the first failure."""
+    failures = []
+    for release, handle in releases:
+        try:
+            release(handle)
+        except Exception as exc:  # a CUDA error: free the rest anyway
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 class PlannedDecoder(CacheBookkeeping):
@@ -52,12 +72,21 @@ class PlannedDecoder(CacheBookkeeping):
         super().__init__(RowCounter(self.max_context))
 
     def _forward(self, token_ids: np.ndarray) -> np.ndarray:
+        if self.executor.closed:
+            raise GenerationError(f"the {self.layout.geometry.role} decoder was closed (its {self.executor.name} "
+                                  f"executor freed its memory); load the bundle again to generate.")
         token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)  # [S]
         calls = plan_step(self.layout, self.cache.length, len(token_ids))
         for call in calls:
             self.executor.write_tokens(self.layout, token_ids[call.first_token : call.first_token + call.count])
             self.executor.run(call)
-        return self.executor.read_logits(self.layout, calls[-1].logits_rows)  # [min(S, R), V]
+        # the executor's logits buffer is rewritten by the next call (and, on TensorRT, by its token ids): copy
+        logits = self.executor.read_logits(self.layout, calls[-1].logits_rows)  # [min(S, R), V]
+        return np.array(logits, dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        """Close the executor this decoder shares with the other model's decoder (both stop working)."""
+        self.executor.close()
 
 
 def geometry(entry: Any) -> ModelGeometry:
@@ -65,7 +94,7 @@ def geometry(entry: Any) -> ModelGeometry:
     if entry.logits_rows is None:
         raise BundleError(f"the bundle's {entry.role} graph returns logits for every position (an older bundle); "
                           f"the planned backends need graphs with logits_rows: rebuild the bundle.")
-    max_fixed_step = (max(entry.widths) + 1) if entry.widths else 2  # the draft feeds 2 tokens after a full accept
+    max_fixed_step = fixed_step_rows(entry.widths)
     return ModelGeometry(entry.role, entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.precision,
                          entry.logits_vocab, entry.max_context, entry.logits_rows, max_fixed_step)
 
@@ -81,6 +110,7 @@ class HostOrtExecutor:
         self.plan: DevicePlan | None = None
         self._arena: np.ndarray | None = None
         self.base = 0
+        self.closed = False
 
     def allocate(self, plan: DevicePlan) -> None:
         self.plan = plan
@@ -117,10 +147,22 @@ class HostOrtExecutor:
     def read_logits(self, layout: ModelLayout, rows: int) -> np.ndarray:
         return self._view(layout.logits.offset, np.float32, (rows, layout.geometry.vocab))
 
+    def close(self) -> None:
+        """Drop the sessions and the arena (ONNX Runtime frees a session when its last reference goes)."""
+        self.closed = True
+        self.sessions = {}
+        self._arena = None
+        self.base = 0
+
 
 def decoders_on(plan: DevicePlan, executor: Any) -> dict[str, PlannedDecoder]:
     """Give `executor` the arena of `plan`, and one PlannedDecoder per model of it."""
-    executor.allocate(plan)
+    try:
+        executor.allocate(plan)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the allocation's error is the one to report
+            executor.close()  # frees what was allocated before the failure
+        raise
     return {role: PlannedDecoder(layout, executor) for role, layout in plan.models.items()}
 
 
@@ -171,7 +213,8 @@ class CudaOrtExecutor(HostOrtExecutor):
         self.plan = plan
         self.base = self.cuda.malloc(plan.nbytes)  # cudaMalloc returns 256-byte (or better) aligned memory
         assert self.base % ALIGNMENT == 0
-        self._host = {role: self.cuda.malloc_host(m.logits.nbytes) for role, m in plan.models.items()}
+        for role, layout in plan.models.items():  # one by one: close() frees those made before a failure
+            self._host[role] = self.cuda.malloc_host(layout.logits.nbytes)
 
     def write_tokens(self, layout: ModelLayout, token_ids: np.ndarray) -> None:
         from .cuda_runtime import MEMCPY_HOST_TO_DEVICE
@@ -200,12 +243,20 @@ class CudaOrtExecutor(HostOrtExecutor):
         return np.ctypeslib.as_array(pinned).reshape(rows, layout.geometry.vocab)
 
     def close(self) -> None:
-        if self.base:
-            self.cuda.free(self.base)
-            self.base = 0
-        for host in self._host.values():
-            self.cuda.free_host(host)
-        self._host = {}
+        """Wait for the device, drop the sessions (their CUDA memory goes with them), free the arena and the pinned
+        buffers, each once. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.base:
+                self.cuda.synchronize()  # nothing may still read or write the arena
+        finally:
+            self.sessions = {}
+            releases = [(self.cuda.free, self.base)] if self.base else []
+            releases += [(self.cuda.free_host, host) for host in self._host.values()]
+            self.base, self._host = 0, {}
+            release_all(releases)
 
     def __del__(self):
         try:

@@ -12,7 +12,10 @@ sized with `get_device_memory_size_for_profile_v2`, `set_optimization_profile_as
   (`DynamicShapesKernelSpecializationStrategy.NONE`): the past length changes every step, and the
   default (LAZY) compiles a kernel per new shape.
 - Shapes and addresses are set only when they changed since the context's last call.
-- Logits rows come back through pinned host memory; the stream is synchronized once per step.
+- Logits rows come back through pinned host memory; the stream is synchronized once per step. That
+  buffer also carries the next call's token ids in, so the decoder copies the logits out (base.Decoder).
+- `close()` waits for the stream, releases the contexts, then frees the arena, the pinned buffers and
+  the stream (contexts before the memory they use); `__del__` does it if nobody did.
 
 No machine of this project can run an engine: this code is exercised in the tests through a stand-in
 for the TensorRT module and the CUDA runtime that checks the same rules (256-byte addresses, shapes
@@ -31,7 +34,7 @@ import numpy as np
 from spectrt.runtime.errors import BackendUnavailableError, BundleError, GenerationError
 
 from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelLayout, plan_memory
-from .planned import PlannedDecoder, decoders_on, geometry, profiles_from_manifest
+from .planned import PlannedDecoder, decoders_on, geometry, profiles_from_manifest, release_all
 from .tensorrt_logger import collecting_logger
 
 MODULES = ("tensorrt", "tensorrt_rtx")
@@ -74,6 +77,7 @@ class TensorRTExecutor:
         self._host: dict[str, int] = {}  # role -> pinned host memory: token ids in, logits rows out
         self._contexts: dict[str, dict[int, Any]] = {}
         self._bound: dict[int, dict[str, Any]] = {}  # id(context) -> what was set last (shapes, addresses, profile)
+        self.closed = False
 
     def _deserialize(self, role: str, path: Path) -> Any:
         import mmap
@@ -125,24 +129,53 @@ class TensorRTExecutor:
                 raise BundleError(f"the {layout.geometry.role} engine's tensor '{name}' is not in linear layout.")
 
     def allocate(self, plan: DevicePlan) -> None:
+        """Allocate the arena, the stream, the pinned buffers and the contexts; each is recorded as soon as it
+        exists, so close() frees what an allocation that failed halfway made."""
         self.plan = plan
         self.base = self.cuda.malloc(plan.nbytes)
         assert self.base % ALIGNMENT == 0
         self.stream = self.cuda.stream_create()
-        self._host = {role: self.cuda.malloc_host(max(m.logits.nbytes, m.token_ids.nbytes))
-                      for role, m in plan.models.items()}
+        for role, layout in plan.models.items():
+            self._host[role] = self.cuda.malloc_host(max(layout.logits.nbytes, layout.token_ids.nbytes))
         activation = self.base + plan.activation.offset
         for role, layout in plan.models.items():
             self.check_io(layout)
             engine = self.engines[role]
             indices = [0] if self.rtx else [p.index for p in layout.profiles]
-            contexts = {}
+            contexts = self._contexts.setdefault(role, {})
             for index in indices:
                 context = self._create_context(engine)
+                contexts[index] = context
                 context.set_device_memory(activation, plan.activation.nbytes)
                 self._select_profile(context, index)
-                contexts[index] = context
-            self._contexts[role] = contexts
+
+    def close(self) -> None:
+        """Free everything allocate() made, once: wait for the stream's work, release the execution contexts
+        (they use the arena's activation area), then the engines and the runtime (in that order, as TensorRT
+        wants), then free the arena and the pinned buffers and destroy the stream. Idempotent; the decoders on
+        this executor refuse to step afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.stream:
+                self.cuda.stream_synchronize(self.stream)
+        finally:
+            # TensorRT's Python objects free their native side when their last reference goes
+            self._contexts, self._bound = {}, {}
+            releases = [(self.cuda.free, self.base)] if self.base else []
+            releases += [(self.cuda.free_host, host) for host in self._host.values()]
+            releases += [(self.cuda.stream_destroy, self.stream)] if self.stream else []
+            self.base, self._host, self.stream = 0, {}, 0
+            self.engines = {}
+            self.runtime = None
+            release_all(releases)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _create_context(self, engine: Any) -> Any:
         trt = self.trt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from spectrt.runtime.backends.device_plan import DTYPE_BYTES, ModelGeometry, Profile
+from spectrt.runtime.backends.device_plan import DTYPE_BYTES, ModelGeometry, Profile, fixed_step_rows
 from spectrt.runtime.manifest import Manifest, ModelEntry
 
 from .calibration import KiB
@@ -53,7 +53,7 @@ class ModelShape:
 
     def geometry(self) -> ModelGeometry:
         """The device plan's view of this model (as runtime/backends/planned.py derives it from a manifest)."""
-        max_fixed_step = (max(self.widths) + 1) if self.widths else 2
+        max_fixed_step = fixed_step_rows(self.widths)
         return ModelGeometry(self.role, self.num_layers, self.num_kv_heads, self.head_dim, self.precision, self.vocab,
                              self.max_context, self.logits_rows, max_fixed_step)
 
@@ -165,8 +165,7 @@ class ModelShape:
     def largest_call(self, context: int, prefill: int) -> tuple[int, int]:
         """(new, past) of the call with the most activation memory among: the prompt's prefill, and the widest
         step this model takes at the end of `context` tokens."""
-        step = (max(self.widths) + 1) if self.widths else 2
-        step = min(step, context)
+        step = min(fixed_step_rows(self.widths), context)
         calls = [(min(prefill, context), 0), (step, context - step)]
         return max(calls, key=lambda call: self.activation_bytes(*call))
 
