@@ -29,6 +29,8 @@ DRAFTERS = ("model", "head", "ngram", "none", "grammar", "grammar+model", "gramm
 class Drafter(Protocol):
     name: str
     uses_model: bool
+    draft_steps: int  # draft model steps the latest proposal computed (grammar-forced tokens and model-free
+    # lookups take none): what the width scheduler prices a model draft by
 
     def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
         """A new request: `prompt_ids` is the prompt (already prefilled into the target); with reuse_prefix,
@@ -53,6 +55,7 @@ class NoDrafter:
 
     name = "none"
     uses_model = False
+    draft_steps = 0
 
     def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
         pass
@@ -90,6 +93,7 @@ class NgramDrafter:
     """
 
     uses_model = False
+    draft_steps = 0
 
     def __init__(self, max_ngram: int = 16, min_ngram: int = 1, grammar_forced: bool = False, max_candidates: int = 32,
                  min_confidence: float = 0.2):
@@ -314,6 +318,7 @@ class ModelDrafter:
         self.decoder = decoder  # a backends.base.Decoder
         self.forced = ForcedRuns() if grammar_forced else None
         self.name = "grammar+model" if grammar_forced else "model"
+        self.draft_steps = 0
 
     def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
         # keep the cached rows of a common prefix; the rest of the prompt is read by `catch_up` before the first
@@ -333,6 +338,7 @@ class ModelDrafter:
         return len(tokens) - self.decoder.length
 
     def propose(self, tokens, k, picker):
+        self.draft_steps = 0
         if k == 0:
             return np.zeros(0, np.int64), None
         if picker.constraint is not None:
@@ -343,6 +349,7 @@ class ModelDrafter:
         for i in range(k):
             logits = self.decoder.step(pending)[-1]  # [V]
             self.decoder.commit(len(pending))
+            self.draft_steps += 1
             proposal[i], probs = picker.draft_token(logits, len(tokens) + i)
             draft_probs.append(probs)
             pending = proposal[i : i + 1]
@@ -367,6 +374,7 @@ class ModelDrafter:
                     continue
             logits = self.decoder.step(np.asarray(pending, dtype=np.int64))[-1]  # [V]
             self.decoder.commit(len(pending))
+            self.draft_steps += 1  # forced tokens in `pending` ride along: they cost no step of their own
             try:
                 logits = walk.masked(logits)
             except GenerationError:  # a dead end of the grammar after our proposal: the target decides
@@ -422,6 +430,7 @@ class GrammarDrafter:
 
     name = "grammar"
     uses_model = False
+    draft_steps = 0
 
     def __init__(self):
         self.forced = ForcedRuns()

@@ -91,6 +91,7 @@ class HeadDrafter:
         self.base = 0  # position of head row 0
         self.sequence: list[int] = []  # the tokens those features belong to (for prefix reuse)
         self.guessed_rows = 0  # head rows of the last proposal fed with the head's own guesses
+        self.draft_steps = 0  # head calls of the last proposal
         self._full_logits = np.full(target.vocab, -np.inf, np.float32)  # [V]; ids outside the head's stay -inf
 
     def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
@@ -124,6 +125,7 @@ class HeadDrafter:
             self.head.commit(end - start)
 
     def propose(self, tokens, k, picker: TokenPicker):
+        self.draft_steps = 0
         if k == 0:
             return np.zeros(0, np.int64), None
         start = self.base + self.head.length  # the pending pairs: positions start..known-1
@@ -145,6 +147,7 @@ class HeadDrafter:
             logits, guess = self.head.run(np.asarray(proposal[-1:]), guess[None, :].copy())  # its own guess back in
             self.head.commit(1)
             self.guessed_rows += 1
+        self.draft_steps = 1 + self.guessed_rows  # the call over the pending pairs, then one per guess fed back
         probs_out = None if not draft_probs or draft_probs[0] is None else np.stack(draft_probs)  # [n, V]
         return np.asarray(proposal, dtype=np.int64), probs_out
 

@@ -106,12 +106,13 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         if k:
             drafter.catch_up(tokens)
         t2 = now()
-        proposal, draft_probs = drafter.propose(tokens, k, picker)  # [n<=k], [n, V] | None
+        # [n<=k], [n, V] | None; a plain round asks nothing of the drafter (a lookup or grammar fork would be wasted)
+        proposal, draft_probs = drafter.propose(tokens, k, picker) if k else (np.zeros(0, np.int64), None)
         drafted = len(proposal)
+        t3 = now()  # drafting ends here: the guesses below belong to the target call (they come with its shape)
         if guesser is not None:  # rows the shaped call computes anyway carry free guesses
             proposal, draft_probs = guesser.extend(tokens, proposal, draft_probs, picker, metrics,
                                                    min(context_left, max_new_tokens - metrics.generated_tokens) - 1)
-        t3 = now()
         target_logits = target.step(np.concatenate([tokens[-1:], proposal]).astype(np.int64))  # [n+1, V]
         t4 = now()
         accepted, bonus = picker.verify(proposal, draft_probs, target_logits, len(tokens))
@@ -125,7 +126,7 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         metrics.draft_catchup_seconds += t2 - t1
         metrics.record_round(k, drafted, accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
         scheduler.record(k, drafted, accepted, t5 - t3, t3 - t2, drafter.uses_model,
-                         catch_up=(lag if k else 0, t2 - t1))
+                         catch_up=(lag if k else 0, t2 - t1), draft_steps=drafter.draft_steps)
 
 
 def _grammar_complete(picker: TokenPicker, rest: list[int], eos_ids: set[int]) -> bool:

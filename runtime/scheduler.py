@@ -7,9 +7,11 @@ estimate, and falls back to k = 0 (plain decoding) unless a width beats it by a 
 
 - Costs (`CostModel`) are physical: one per drafter, shared by all requests of a Generator, updated
   by every round. A round is charged what the formula prices: the round without its drafting (target
-  call with k+1 tokens, acceptance, commit; plain rounds the same way) and one draft step per proposed
-  token. A draft reading tokens it has not seen (the prompt, or after plain rounds) is priced apart, as
-  the cost of switching from plain decoding to speculation.
+  call with k+1 tokens, acceptance, commit; plain rounds the same way) and its drafting: for a model
+  drafter, one draft step per token the model computed (grammar-forced tokens cost no step, so they
+  neither lower the price of a step nor count as steps), for a model-free drafter (n-gram lookup, grammar
+  forcing) one lookup per round, whatever its width. A draft reading tokens it has not seen (the prompt,
+  or after plain rounds) is priced apart, as the cost of switching from plain decoding to speculation.
 - Acceptance is kept apart: each request has its own estimate (`AcceptanceEstimate`), seeded by a
   long-run estimate (`LongRunAcceptance`) that only `auto` requests of the same drafter and sampling
   settings update, so fixed-width runs (e.g. other benchmark configurations) never steer `auto`.
@@ -33,7 +35,11 @@ def expected_tokens_per_round(acceptance: float, k: int) -> float:
 
 def expected_speedup(acceptance: float, k: int, draft_cost: float, verify_cost: float, plain_cost: float) -> float:
     """Tokens/s of width k over tokens/s of plain decoding (costs in seconds per call)."""
-    round_cost = k * draft_cost + verify_cost
+    return round_speedup(acceptance, k, k * draft_cost + verify_cost, plain_cost)
+
+
+def round_speedup(acceptance: float, k: int, round_cost: float, plain_cost: float) -> float:
+    """Tokens/s of width-k rounds costing `round_cost` seconds each (drafting included) over plain decoding's."""
     return expected_tokens_per_round(acceptance, k) * plain_cost / round_cost
 
 
@@ -53,7 +59,10 @@ class CostModel:
 
     smoothing: float = 0.3
     stale_after: int = 64  # rounds after which a width next to the chosen one is measured again (old value dropped)
-    draft_cost: float | None = None  # one draft decode step
+    draft_cost: float | None = None  # one draft model step (grammar-forced tokens take none)
+    steps_per_token: float = 1.0  # draft model steps per proposed token (below 1 where the grammar forces tokens)
+    lookup_cost: float | None = None  # one drafting round of a model-free drafter (n-gram lookup, grammar matcher
+    # fork and forced runs), whatever its width
     catch_up_seconds: float = 0.0  # decayed sums of catch-up calls (their time beyond one draft step, and the
     catch_up_tokens: float = 0.0  # tokens read): token-weighted, since long reads cost more per token than short
     # ones (attention over a longer prefix) and must count more
@@ -74,10 +83,19 @@ class CostModel:
         self.verify_cost[k] = self._ema(old, seconds)
         self.measured_at[k] = self.rounds
 
-    def record_draft(self, steps: int, seconds: float) -> None:
-        """`steps` draft decode steps took `seconds` (catch-up excluded)."""
+    def record_draft(self, steps: int, seconds: float, proposed: int | None = None, model_draft: bool = True) -> None:
+        """A drafting round (width >= 1, catch-up excluded) took `seconds` and proposed `proposed` tokens (default:
+        one per step), `steps` of them computed by the draft model. A model draft is priced per step: a round of
+        forced tokens only (no step) leaves the step price alone and counts in `steps_per_token` only. A model-free
+        drafter is priced per round, misses included."""
+        if not model_draft:
+            self.lookup_cost = self._ema(self.lookup_cost, seconds)
+            return
+        proposed = steps if proposed is None else proposed
         if steps:
             self.draft_cost = self._ema(self.draft_cost, seconds / steps)
+        if proposed:
+            self.steps_per_token = self._ema(self.steps_per_token, steps / proposed)
 
     def record_catch_up(self, tokens: int, seconds: float) -> None:
         """The draft read `tokens` committed tokens it had not seen (after plain rounds, or the prompt) in `seconds`."""
@@ -96,6 +114,15 @@ class CostModel:
         if tokens <= 2 or self.draft_cost is None:
             return 0.0
         return self.draft_cost + (self.catch_up_cost or 0.0) * tokens
+
+    def draft_estimate(self, k: int, model_draft: bool) -> float:
+        """Drafting seconds of a width-k round: the draft model's expected steps (forced tokens are free), or a
+        model-free drafter's lookup (0 while unmeasured)."""
+        if k == 0:
+            return 0.0
+        if model_draft:
+            return k * self.steps_per_token * (self.draft_cost or 0.0)
+        return self.lookup_cost or 0.0
 
     def verify_estimate(self, k: int) -> float:
         """Cost of a round with k+1 tokens: measured, else interpolated between the measured call sizes (an n-gram
@@ -182,8 +209,8 @@ class WidthScheduler:
 
     `auto` in detail:
     - Bootstrap: one plain round and one speculative round (the smallest width for a model draft, the cheapest
-      to measure; the widest for a model-free one, whose misses cost nothing) price the rest: other widths are
-      interpolated or extended from them and measured only when chosen.
+      to measure; the widest for a model-free one, whose lookup costs the same at any width) price the rest:
+      other widths are interpolated or extended from them and measured only when chosen.
     - Speculation is chosen only if its expected speed-up is at least 1 + `margin` (estimates are noisy, and a
       wrong switch costs more than a missed one). To switch from plain decoding to a model draft, it must promise
       at least 1 + `start_margin`, and when the draft must first read tokens it has not seen (the prompt, or the
@@ -247,13 +274,13 @@ class WidthScheduler:
         if not any(k > 0 for k in costs.verify_cost) or (model_draft and costs.draft_cost is None):
             return candidates[0] if model_draft else candidates[-1]
         plain = costs.verify_estimate(0)
-        draft = (costs.draft_cost or 0.0) if model_draft else 0.0
-        speeds = {k: expected_speedup(self.acceptance.value, k, draft, costs.verify_estimate(k), plain)
+        speeds = {k: round_speedup(self.acceptance.value, k, costs.draft_estimate(k, model_draft)
+                                   + costs.verify_estimate(k), plain)
                   for k in candidates}
         best_k = max(candidates, key=lambda k: speeds[k])
         switch_cost = costs.catch_up_estimate(draft_lag) if model_draft else 0.0
         saving = limit * plain * (1.0 - 1.0 / speeds[best_k]) if speeds[best_k] > 0 else 0.0
-        costly = model_draft and draft > self.cheap_draft * plain  # a costly draft must promise more to start
+        costly = model_draft and (costs.draft_cost or 0.0) > self.cheap_draft * plain  # must promise more to start
         needed = 1.0 + (self.start_margin if costly and not self.speculating else self.margin)
         if speeds[best_k] < needed or saving < self.switch_safety * switch_cost:
             self.speculating = False
@@ -282,13 +309,17 @@ class WidthScheduler:
         return stalest if self.costs.age(stalest) >= self.costs.stale_after else best_k
 
     def record(self, k: int, proposed: int, accepted: int, verify_seconds: float, draft_seconds: float,
-               model_draft: bool, catch_up: tuple[int, float] = (0, 0.0)) -> None:
+               model_draft: bool, catch_up: tuple[int, float] = (0, 0.0), draft_steps: int | None = None) -> None:
         """Feed one round's measurements back: the round (without drafting) took verify_seconds for a target
-        call with proposed+1 tokens; `catch_up`: (tokens, seconds) the draft read before proposing."""
+        call with proposed+1 tokens, its drafting draft_seconds; `catch_up`: (tokens, seconds) the draft read
+        before proposing; `draft_steps`: the draft model's steps (default: one per proposed token for a model
+        draft; grammar-forced tokens take none)."""
         self.costs.record_verify(proposed, verify_seconds)
         if proposed != k:
             self.costs.mark_attempted(k)
         if model_draft:
             self.costs.record_catch_up(*catch_up)
-            self.costs.record_draft(proposed, draft_seconds)
+        if k:
+            steps = proposed if draft_steps is None else draft_steps
+            self.costs.record_draft(steps if model_draft else 0, draft_seconds, proposed, model_draft)
         self.acceptance.record(proposed, accepted)

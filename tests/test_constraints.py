@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from fake_timing import fake_timed_generator
 from spectrt.cli import main
 from spectrt.errors import GenerationError
 from spectrt.runtime.constraints import constraint_spec
@@ -123,6 +124,7 @@ def test_finish_reasons_when_the_budget_ends_before_the_grammar(tiny_generator):
 
 
 def test_grammar_forced_drafts_are_counted_and_cost_no_model(tiny_generator):
+    fake_timed_generator(tiny_generator)  # `auto` (below) chooses alike on every machine
     options = dict(json_schema=SCHEMA, max_new_tokens=NEW_TOKENS)
     alone = tiny_generator.generate(PROMPTS[0], draft="grammar", width=5, **options)
     c = alone.constraint
@@ -136,6 +138,8 @@ def test_grammar_forced_drafts_are_counted_and_cost_no_model(tiny_generator):
     assert model.constraint.forced_tokens == 0 and model.metrics.drafted_tokens > 0
     # each is its own drafter for the width scheduler (costs and acceptance), priced apart from unconstrained use
     assert {("grammar", True), ("grammar+model", True), ("model", True)} <= set(tiny_generator._costs)
+    grammar_costs = tiny_generator._costs[("grammar", True)]
+    assert grammar_costs.draft_cost is None and grammar_costs.lookup_cost is not None  # priced per lookup, no step
     assert tiny_generator.resolve_drafter("auto", constrained=True) == "grammar+model"
     auto = tiny_generator.generate(PROMPTS[0], **options)
     assert auto.constraint.forced_tokens > 0 and auto.token_ids == alone.token_ids

@@ -240,3 +240,28 @@ def test_catch_up_cost_is_learned_per_token_beyond_one_draft_step():
         costs.record_catch_up(10, 0.02 + 0.005)
     costs.record_catch_up(400, 0.02 + 2.0)
     assert costs.catch_up_cost > 0.004
+
+
+def test_forced_tokens_neither_lower_the_price_of_a_draft_step_nor_count_as_steps():
+    scheduler = WidthScheduler((2, 4), "auto")
+    costs = scheduler.costs
+    scheduler.record(4, 4, 4, verify_seconds=1.0, draft_seconds=0.2, model_draft=True, draft_steps=2)  # 2 forced
+    assert costs.draft_cost == pytest.approx(0.1)  # 0.2 s for the 2 tokens the draft model computed
+    scheduler.record(4, 4, 4, verify_seconds=1.0, draft_seconds=0.001, model_draft=True, draft_steps=0)
+    assert costs.draft_cost == pytest.approx(0.1)  # forced tokens only: no step priced, the draft is not free
+    assert costs.steps_per_token == pytest.approx(0.7 * (0.7 * 1.0 + 0.3 * 0.5))  # EMA of 2/4 then 0/4
+    assert costs.draft_estimate(4, True) == pytest.approx(4 * costs.steps_per_token * 0.1)  # forced tokens free
+    assert costs.draft_estimate(0, True) == 0.0
+
+
+def test_a_model_free_drafters_lookup_is_priced_per_round_and_can_make_auto_decline():
+    costs = CostModel(verify_cost={0: 1.0, 4: 1.1})
+    scheduler = WidthScheduler((2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.9))
+    assert scheduler.width(limit=100, model_draft=False) == 4  # unpriced lookups: a=0.9, 4.1 tokens for 1.1
+    scheduler.record(4, 0, 0, verify_seconds=1.0, draft_seconds=3.0, model_draft=False)  # a miss costs its lookup
+    assert costs.lookup_cost == pytest.approx(3.0) and costs.draft_cost is None
+    assert costs.draft_estimate(2, False) == costs.draft_estimate(4, False) == pytest.approx(3.0)  # per round
+    assert costs.draft_estimate(0, False) == 0.0
+    assert scheduler.width(limit=100, model_draft=False) == 0  # 4.1 tokens for 4.1 s: plain decoding is faster
+    costs.lookup_cost = 0.01  # a cheap lookup (an n-gram index) stays cheap
+    assert scheduler.width(limit=100, model_draft=False) == 4
