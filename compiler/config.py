@@ -66,9 +66,9 @@ class BuildConfig:
             if value is not None and value not in QUANTIZE:
                 raise ConfigError(f"{option} '{value}' unknown; choose one of {', '.join(QUANTIZE)}.")
         if self.wants_tensorrt and (self.quantize_for("target"), self.quantize_for("draft")) != ("none", "none"):
-            raise ConfigError(f"--quantize/--draft-quantize make onnxruntime MatMulNBits graphs for the CPU path, which "
-                              f"TensorRT cannot parse; use --backend onnx with it, or build TensorRT engines "
-                              f"without --quantize (e.g. --precision fp16).")
+            raise ConfigError("--quantize/--draft-quantize make onnxruntime MatMulNBits graphs for the CPU path, which "
+                              "TensorRT cannot parse; use --backend onnx with it, or build TensorRT engines "
+                              "without --quantize (e.g. --precision fp16).")
         if self.draft_vocab < 0:
             raise ConfigError(f"draft_vocab must be >= 0 (got {self.draft_vocab}); 0 keeps the whole vocabulary.")
         if self.workspace_mb is not None and self.workspace_mb <= 0:

@@ -33,7 +33,7 @@ from spectrt import __version__
 from spectrt.errors import BackendUnavailableError, BundleError, ConfigError, EngineBuildError
 from spectrt.runtime.manifest import MANIFEST_NAME, ROLES, file_facts, parse_manifest, read_manifest, verify_files
 
-from .bundle_io import _interrupts_deferred
+from .bundle_io import interrupts_deferred, fsync_dir, fsync_file, write_synced
 from .progress import Progress
 from .tensorrt_build import INSTALL_HINT, compile_model_engine, entry_profiles, partial_path
 
@@ -122,9 +122,9 @@ def compile_bundle(bundle_dir: Path | str, config: CompileConfig = CompileConfig
             parse_manifest(bundle_dir, new)  # the runtime must accept what we write
             manifest_tmp = bundle_dir / f".{MANIFEST_NAME}{TEMP_MARK}{secrets.token_hex(4)}"
             temporary.append(manifest_tmp)
-            _write_synced(manifest_tmp, json.dumps(new, indent=2).encode())
+            write_synced(manifest_tmp, json.dumps(new, indent=2).encode())
             for tmp, _final in built.values():
-                _fsync_file(tmp)
+                fsync_file(tmp)
             stale = _stale_engines(bundle_dir, raw, new)
             _swap_in(bundle_dir, [built[role] for role in roles], manifest_tmp, original)
     except OSError as exc:
@@ -189,7 +189,7 @@ def _require_tensorrt() -> None:
     from importlib.util import find_spec
 
     if not any(find_spec(name) is not None for name in ("tensorrt", "tensorrt_rtx")):
-        raise BackendUnavailableError(f"spectrt compile needs TensorRT, which is not installed: "
+        raise BackendUnavailableError("spectrt compile needs TensorRT, which is not installed: "
                                       + INSTALL_HINT.replace(", or build with --backend onnx", "")
                                       + " On a Jetson, use JetPack's TensorRT (python3-libnvinfer).")
 
@@ -260,7 +260,7 @@ def _swap_in(bundle_dir: Path, moves: list[tuple[Path, Path]], manifest_tmp: Pat
     move aside first and come back if anything fails, so the folder never mixes an old manifest with new
     engines. Ctrl-C waits until this is done."""
     manifest_path = bundle_dir / MANIFEST_NAME
-    with _interrupts_deferred():
+    with interrupts_deferred():
         if _read_bytes(manifest_path, bundle_dir) != original:
             raise BundleError(f"'{manifest_path}' changed while the engines were built (another build or compile "
                               f"of this bundle?); nothing was changed: run `spectrt compile` again.")
@@ -283,7 +283,7 @@ def _swap_in(bundle_dir: Path, moves: list[tuple[Path, Path]], manifest_tmp: Pat
                 else:
                     final.unlink(missing_ok=True)
             raise
-    _fsync_dir(bundle_dir)
+    fsync_dir(bundle_dir)
     _remove([backup for _final, backup in placed if backup is not None])
 
 
@@ -302,34 +302,6 @@ def _read_bytes(path: Path, bundle_dir: Path) -> bytes:
                           f"`spectrt build`).") from None
     except OSError as exc:
         raise BundleError(f"{path} cannot be read ({exc}); check its permissions.") from exc
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a folder; the renames are done either way
-    finally:
-        os.close(fd)
 
 
 def _remove(paths: list[Path]) -> None:

@@ -15,21 +15,26 @@ back in (attending to the true-feature rows before it, as at run time). Determin
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
 import math
 import os
+import secrets
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from spectrt.errors import ConfigError
-from spectrt.runtime.manifest import MANIFEST_NAME, file_facts, read_manifest
+from spectrt.runtime.manifest import MANIFEST_NAME, read_manifest, verify_files
 
+from .bundle_io import (STAGE_MARK, discard_staged, finish_interrupted_install, fsync_file, install_staged,
+                        staged_name)
 from .head_data import HOLDOUT, HeadData, TargetTables, collect, stdlib_files, text_files, training_prompts
 from .head_graph import HeadShape, build_head_onnx, head_tensor_specs
 from .onnx_graph import add_features_output
@@ -381,31 +386,54 @@ def _work_dir(bundle: Path, config: HeadConfig) -> Path:
 
 def ensure_features(bundle: Path, progress: Progress) -> None:
     """Give the bundle's target graph the `features` output if it lacks it (graph surgery on target.onnx; logits
-    and exactness unchanged), and record it in the manifest."""
+    and exactness unchanged), and record it in the manifest. The new graph is written under a staged name and
+    installed with the manifest by install_staged: the bundle verifies at every moment."""
     manifest_path = bundle / MANIFEST_NAME
-    data = json.loads(manifest_path.read_text())
+    original = manifest_path.read_bytes()
+    data = json.loads(original)
     target = data["models"]["target"]
     if target.get("features"):
         return
     onnx_name = target["backends"]["onnx"]["path"]
     hidden = target["arch"]["hidden_size"]
+    verify_files(read_manifest(bundle), only={onnx_name})  # derive the new graph from the one the manifest vouches for
+    staged = staged_name(onnx_name)  # beside it: its data location stays valid
     with progress.step("add the features output to the target graph"):
-        add_features_output(bundle / onnx_name, hidden)
-        outputs = target["graph"]["outputs"]
-        if not any(o["name"] == "features" for o in outputs):
-            outputs.insert(1, {"name": "features", "dtype": "fp32", "shape": [1, "seq_len", hidden]})
-        target["features"] = hidden
         if target["backends"].get("tensorrt"):
             progress.say("    the target's TensorRT engines predate the features output: run `spectrt compile` again")
-            target["backends"].pop("tensorrt")
-        data["files"][onnx_name] = file_facts(bundle / onnx_name)
-        _write_manifest(manifest_path, data)
+        try:
+            shutil.copyfile(bundle / onnx_name, bundle / staged)
+            add_features_output(bundle / staged, hidden)
+            fsync_file(bundle / staged)
+            install_staged(bundle, {onnx_name: staged}, lambda where: _with_features(data, hidden, where(onnx_name)),
+                           original)
+        except BaseException:
+            discard_staged(bundle, [bundle / staged, bundle / f"{staged}.tmp"])  # .tmp: add_features_output's
+            raise
 
 
-def _write_manifest(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def _with_features(data: dict[str, Any], hidden: int, onnx_path: str) -> dict[str, Any]:
+    """The manifest `data` with the target graph at `onnx_path` returning `features` (its engines dropped)."""
+    data = copy.deepcopy(data)
+    target = data["models"]["target"]
+    outputs = target["graph"]["outputs"]
+    if not any(o["name"] == "features" for o in outputs):
+        outputs.insert(1, {"name": "features", "dtype": "fp32", "shape": [1, "seq_len", hidden]})
+    target["features"] = hidden
+    target["backends"].pop("tensorrt", None)
+    target["backends"]["onnx"]["path"] = onnx_path
+    return data
+
+
+HEAD_FILES = ("head.onnx", "head.onnx.data", "head.vocab.npy")
+
+
+def _with_head(data: dict[str, Any], entry: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    """The manifest `data` with `entry` as models.head, its files named where(final name)."""
+    data = copy.deepcopy(data)
+    onnx = {**entry["backends"]["onnx"], "path": where("head.onnx"), "data": where("head.onnx.data")}
+    data["models"]["head"] = {**entry, "vocab_ids": where("head.vocab.npy"), "backends": {"onnx": onnx}}
+    return data
 
 
 def measure_step_seconds(model, embed, batches: Batches, config: HeadConfig) -> float:
@@ -440,6 +468,8 @@ def train_head(bundle: Path | str, config: HeadConfig = HeadConfig(), progress: 
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    if finish_interrupted_install(bundle):
+        progress.say("    finished installing what an interrupted train-head had left under temporary names")
     ensure_features(bundle, progress)
     manifest = read_manifest(bundle)
     target_entry = manifest.target
@@ -506,45 +536,51 @@ def train_head(bundle: Path | str, config: HeadConfig = HeadConfig(), progress: 
     validation = evaluate(model, embed, val_batches, config.unroll)
 
     quantize = "int8" if target_entry.raw.get("quantization") else "none"
-    with progress.step("export the head ONNX" + (" (8-bit weights)" if quantize != "none" else "")):
-        weights = head_weights(model)
-        embed_table = tables.embeddings(np.arange(target_entry.logits_vocab))
-        build_head_onnx(shape, weights, embed_table, precision=target_entry.precision,
-                        max_context=target_entry.max_context, quantize=quantize, onnx_path=bundle / "head.onnx")
-        del embed_table
-        np.save(bundle / "head.vocab.npy", vocab_ids)
-    entry = {
-        "role": "head",
-        "arch": shape.to_json(),
-        "precision": target_entry.precision,
-        "max_context": target_entry.max_context,
-        "logits_vocab": target_entry.logits_vocab,
-        "vocab_ids": "head.vocab.npy",
-        "graph": head_tensor_specs(shape, target_entry.precision),
-        "quantization": ({"scheme": "int8", "block_size": 32, "accuracy_level": 4} if quantize != "none" else None),
-        "backends": {"onnx": {"path": "head.onnx", "data": "head.onnx.data", "opset": 17,
-                              "contrib_ops": ["com.microsoft.MatMulNBits"] if quantize != "none" else []}},
-        "training": {
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
-                       if k not in ("work_dir", "threads")},
-            "steps": steps,
-            "prompts": data.prompt_ids,
-            "held_out_records": f"the first {HOLDOUT} of each shipped workload (the benchmark's)",
-            "sequences": len(data.sequences),
-            "tokens": data.tokens,
-            "data_sha256": data.sources_hash,
-            "validation": {**validation, "vocab_coverage": coverage},
-            "loss_curve": curve,
-            "collect_seconds": round(collect_seconds, 1),
-            "seconds": round(time.perf_counter() - started, 1),
-            "torch": torch.__version__,
-        },
-    }
-    data_json = json.loads((bundle / MANIFEST_NAME).read_text())
-    data_json["models"]["head"] = entry
-    for name in ("head.onnx", "head.onnx.data", "head.vocab.npy"):
-        data_json["files"][name] = file_facts(bundle / name)
-    _write_manifest(bundle / MANIFEST_NAME, data_json)
+    staging = bundle / f".head{STAGE_MARK}{secrets.token_hex(4)}"  # the head's files, together: its data location
+    try:
+        with progress.step("export the head ONNX" + (" (8-bit weights)" if quantize != "none" else "")):
+            staging.mkdir()
+            weights = head_weights(model)
+            embed_table = tables.embeddings(np.arange(target_entry.logits_vocab))
+            build_head_onnx(shape, weights, embed_table, precision=target_entry.precision,
+                            max_context=target_entry.max_context, quantize=quantize, onnx_path=staging / "head.onnx")
+            del embed_table
+            np.save(staging / "head.vocab.npy", vocab_ids)
+            for name in HEAD_FILES:
+                fsync_file(staging / name)
+        entry = {
+            "role": "head",
+            "arch": shape.to_json(),
+            "precision": target_entry.precision,
+            "max_context": target_entry.max_context,
+            "logits_vocab": target_entry.logits_vocab,
+            "vocab_ids": "head.vocab.npy",
+            "graph": head_tensor_specs(shape, target_entry.precision),
+            "quantization": ({"scheme": "int8", "block_size": 32, "accuracy_level": 4} if quantize != "none" else None),
+            "backends": {"onnx": {"path": "head.onnx", "data": "head.onnx.data", "opset": 17,
+                                  "contrib_ops": ["com.microsoft.MatMulNBits"] if quantize != "none" else []}},
+            "training": {
+                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
+                           if k not in ("work_dir", "threads")},
+                "steps": steps,
+                "prompts": data.prompt_ids,
+                "held_out_records": f"the first {HOLDOUT} of each shipped workload (the benchmark's)",
+                "sequences": len(data.sequences),
+                "tokens": data.tokens,
+                "data_sha256": data.sources_hash,
+                "validation": {**validation, "vocab_coverage": coverage},
+                "loss_curve": curve,
+                "collect_seconds": round(collect_seconds, 1),
+                "seconds": round(time.perf_counter() - started, 1),
+                "torch": torch.__version__,
+            },
+        }
+        original = (bundle / MANIFEST_NAME).read_bytes()
+        install_staged(bundle, {name: f"{staging.name}/{name}" for name in HEAD_FILES},
+                       lambda where: _with_head(json.loads(original), entry, where), original)
+    except BaseException:
+        discard_staged(bundle, [staging])
+        raise
     read_manifest(bundle)  # the result must load
     progress.say(f"    head: step-1 agreement {validation['agreement_1']:.3f}"
                  + (f", step-2 {validation['agreement_2']:.3f}" if "agreement_2" in validation else "")

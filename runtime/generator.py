@@ -10,15 +10,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
 from spectrt.runtime.errors import BackendUnavailableError, GenerationError
 
 from .constraints import ConstraintCompiler, ConstraintMetrics, ConstraintSpec, RequestConstraint, constraint_spec
 from .drafters import make_drafter
-from .invariance import InvarianceReport, establish_invariance
+from .invariance import establish_invariance
 from .loop import LoopState, speculative_decode
-from .manifest import Manifest, ModelEntry, read_manifest, verify_files
+from .manifest import Manifest, ModelEntry, check_external_data, read_manifest, verify_files
 from .metrics import AggregateMetrics, RequestMetrics
 from .sampling import SamplingParams
 from .picker import ACCEPT_RULES, TokenPicker
@@ -209,7 +207,9 @@ class Generator:
             raise GenerationError(f"invariance must be one of {', '.join(INVARIANCE_MODES)} (got {invariance!r}).")
         self.manifest = read_manifest(bundle)
         if verify != "none":
-            verify_files(self.manifest, cache=(verify == "cached"))
+            verify_files(self.manifest, cache=(verify == "cached"))  # ends with check_external_data
+        else:
+            check_external_data(self.manifest)  # where the graphs read weights: confined in every mode
         self.tokenizer = BundleTokenizer(self.manifest.file(self.manifest.tokenizer_file), self.manifest.generation)
         entries = {"target": self.manifest.target}
         if load_draft and self.manifest.draft is not None:

@@ -378,7 +378,6 @@ class ShapedDecoder:
         self.features_size = getattr(inner, "features_size", None)
         self._done = 0  # rows of the latest step already committed in the inner decoder (earlier calls of it)
         self._count = 0  # rows the latest step was asked for
-        self._features: np.ndarray | None = None  # [max_context, H] assembled for multi-call steps
         self.last_features: np.ndarray | None = None
         self.rows_computed = 0  # rows run by the backend (pad rows included), for measurement
         self.rows_asked = 0
@@ -415,6 +414,7 @@ class ShapedDecoder:
         first_visible = count - visible_rows
         filled = 0
         position = 0
+        features_out = None  # [S, H] assembled from the calls, when the target returns features
         for index, (real, rows) in enumerate(plan):
             call = token_ids[position : position + real]
             if rows > real:
@@ -427,24 +427,21 @@ class ShapedDecoder:
                     filled += 1
             features = getattr(self.inner, "last_features", None)
             if features is not None:
-                self._features_buffer()[position : position + real] = features[:real]
+                if features_out is None:
+                    features_out = np.empty((count, features.shape[-1]), np.float32)
+                features_out[position : position + real] = features[:real]
             if index < len(plan) - 1:
                 self.inner.commit(real)
                 self._done += real
             position += real
         assert filled == visible_rows, f"plan {plan} returned {filled} of the last {visible_rows} rows' logits"
-        if self._features is not None and self.features_size:
-            self.last_features = self._features[:count]
+        if features_out is not None:
+            self.last_features = features_out
         return out
 
     def _account(self, real: int, rows: int) -> None:
         self.rows_asked += real
         self.rows_computed += rows
-
-    def _features_buffer(self) -> np.ndarray:
-        if self._features is None:
-            self._features = np.zeros((self.max_context, self.features_size), np.float32)
-        return self._features
 
     def commit(self, count: int) -> None:
         assert count <= self._count, "commit only rows of the last step"

@@ -9,7 +9,8 @@ steps, each of which fails with a BundleError (never a raw ValueError/KeyError/T
    schema cannot express (graph I/O against the architecture, equal logits widths, every file the
    runtime loads listed in the hashed `files` table);
 3. `verify_files`: every file in `files` lies inside the bundle folder (symlinks resolved) and
-   has the recorded size and sha256.
+   has the recorded size and sha256, and every external-data location written inside an ONNX graph
+   names one of those files (`check_external_data`).
 
 `Manifest.file()` is the only way the runtime turns a manifest path into a filesystem path: it
 refuses anything that resolves outside the bundle folder. See engines/README.md for the format.
@@ -19,7 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
+import posixpath
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -460,6 +465,26 @@ def file_facts(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+# -- the verified-files record (verify="cached") ----------------------------------------------------
+#
+# What it protects against: accidental corruption, partial or interrupted copies, and a bundle file changed,
+# replaced or rewritten after it was verified, by anyone, including with its old size and mtime put back
+# (`touch -d`, `os.utime`). A record is trusted only while the file's (device, inode, size, mtime_ns,
+# ctime_ns) are those seen when it was hashed against the manifest's sha256: a rewrite changes ctime, a
+# replacement changes the inode, and no unprivileged call sets ctime back. A file whose ctime was within
+# SETTLE_NS of the clock when it was hashed is not recorded (timestamps tick coarsely: a write in the same
+# tick would keep its ctime; git calls this "racily clean").
+#
+# What it does not protect against: anyone who can write this record (it lives in the user's own cache
+# folder) or run code as the user, root (who can set the clock), and filesystems whose inode numbers or
+# ctimes are not stable. For bundles from a shared or untrusted place, or a cache folder others can write,
+# load with verify="full" (`spectrt.load(..., verify="full")`, `spectrt inspect --verify`, Triton's
+# `--verify full`): it hashes every file on every load.
+
+SETTLE_NS = 2_000_000_000  # 2 s: coarser than any filesystem's ctime tick (FAT: 2 s, ext3: 1 s, ext4: a jiffy)
+clock_ns = time.time_ns  # tests inject a clock
+
+
 def _verified_cache_path() -> Path:
     from .machine import cache_root
 
@@ -471,26 +496,33 @@ def _load_verified() -> dict[str, str]:
         records = json.loads(_verified_cache_path().read_text())
     except (OSError, ValueError, RecursionError):
         return {}
-    return records if isinstance(records, dict) else {}
+    return {k: v for k, v in records.items() if isinstance(v, str)} if isinstance(records, dict) else {}
 
 
 def _save_verified(records: dict[str, str]) -> None:
     path = _verified_cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(records))
         tmp.replace(path)
     except OSError:
         pass  # a read-only cache only costs re-hashing next time
 
 
+def verified_record(stat: os.stat_result, sha256: str) -> str:
+    """What the verified-files record holds for a file with this stat that hashed to `sha256` (see above)."""
+    return f"{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{sha256}"
+
+
 def verify_files(manifest: Manifest, *, check_hashes: bool = True, cache: bool = False,
                  only: set[str] | None = None) -> None:
-    """Every listed file lies inside the bundle folder and exists with the recorded size and sha256.
+    """Every listed file lies inside the bundle folder and exists with the recorded size and sha256; then the
+    ONNX graphs' external-data locations name listed files (check_external_data).
 
-    cache=True skips re-hashing a file whose (path, size, mtime) was verified against the same
-    sha256 before (recorded under the user cache dir), so loading a multi-GB bundle twice is cheap.
+    cache=True skips re-hashing a file whose (device, inode, size, mtime, ctime) were recorded when it hashed to
+    the manifest's sha256 (under the user cache dir; see the threat model above), so loading a multi-GB bundle
+    twice is cheap.
     """
     records = _load_verified() if cache else {}
     changed = False
@@ -507,19 +539,189 @@ def verify_files(manifest: Manifest, *, check_hashes: bool = True, cache: bool =
                                   f"{facts['size']}: the file is truncated or was replaced. Rebuild the bundle.")
             if not check_hashes:
                 continue
-            key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-            if cache and records.get(key) == facts["sha256"]:
+            record = verified_record(stat, facts["sha256"])
+            if cache and records.get(str(path)) == record:
                 continue
             if sha256_file(path) != facts["sha256"]:
                 raise BundleError(f"bundle file '{relative}' does not match its sha256 in the manifest: it is corrupt "
                                   f"or was modified. Rebuild the bundle (or copy it again).")
         except OSError as exc:
             raise BundleError(f"bundle file '{relative}' cannot be read ({exc}); rebuild or copy the bundle again.") from exc
-        if cache:
-            records[key] = facts["sha256"]
+        if cache and clock_ns() - stat.st_ctime_ns > SETTLE_NS:
+            records[str(path)] = record  # one record per path: the file's latest verified state
             changed = True
     if changed:
         _save_verified(records)
+    check_external_data(manifest, only=only)
+
+
+# -- external data named inside the ONNX graphs -----------------------------------------------------
+#
+# An ONNX tensor may keep its bytes in another file: TensorProto.external_data {key "location"}, which ONNX
+# Runtime (and TensorRT's parser) open relative to the graph's folder. The graph's own bytes are hashed, so this
+# is about a bundle made hostile when it was built or distributed: a location of "/etc/passwd", "../../x" or an
+# unlisted file would read data the manifest does not vouch for. (ONNX Runtime 1.32 itself refuses absolute
+# locations and any that resolve outside the graph's folder, symlinks included, but not an unlisted file inside
+# it; older versions, as on JetPack, and TensorRT's parser check less.) The runtime cannot import onnx, so a
+# small reader of the protobuf wire format walks every message that can hold a TensorProto (onnx.proto field
+# numbers), skipping all other fields (weights inside the graph) by their length.
+
+# message kind -> {field number: kind of the embedded message}
+_TENSOR_HOLDERS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training_info", 25: "function"},  # ModelProto
+    "training_info": {1: "graph", 2: "graph"},  # TrainingInfoProto: initialization, algorithm
+    "function": {7: "node", 11: "attribute"},  # FunctionProto
+    "graph": {1: "node", 5: "tensor", 15: "sparse_tensor"},  # GraphProto: node, initializer, sparse_initializer
+    "node": {5: "attribute"},  # NodeProto
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse_tensor", 23: "sparse_tensor"},
+    "sparse_tensor": {1: "tensor", 2: "tensor"},  # SparseTensorProto: values, indices
+}  # and TensorProto.external_data = 13: StringStringEntryProto (key = 1, value = 2), read by _entry_values
+MAX_GRAPH_NESTING = 32  # graphs in If/Loop/Scan bodies: protobuf's parsers stop at 100 messages deep (3 a level)
+ORT_MEMORY_TAG = "_ORT_MEM_ADDR_"  # ONNX Runtime reads a location "*/_ORT_MEM_ADDR_/*" as a memory address
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _Malformed(f"a number runs past byte {end}")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _Malformed(f"a number longer than 10 bytes at byte {pos}")
+
+
+def _embedded(buf: Any, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in buf[start:end] (one-byte
+    numbers, the common case, read inline: a graph has tens of thousands of fields)."""
+    fields = []
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
+        wire = key & 7
+        if key >> 3 == 0:
+            raise _Malformed(f"field number 0 at byte {pos}")
+        if wire == 2:
+            if pos < end and buf[pos] < 0x80:
+                length, pos = buf[pos], pos + 1
+            else:
+                length, pos = _varint(buf, pos, end)
+            fields.append((key >> 3, pos, pos + length))
+            pos += length
+        elif wire == 0:
+            if pos < end and buf[pos] < 0x80:
+                pos += 1
+            else:
+                _, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:  # 3/4: protobuf groups, which onnx.proto never uses
+            raise _Malformed(f"wire type {wire} at byte {pos}")
+    if pos > end:
+        raise _Malformed(f"a field runs past byte {end}")
+    return fields
+
+
+def _entry_values(buf: Any, start: int, end: int) -> list[bytes]:
+    """The values of a StringStringEntryProto in buf[start:end] if a key of it is "location", else []."""
+    is_location, values = False, []
+    for field, begin, stop in _embedded(buf, start, end):
+        if field == 1:
+            is_location = is_location or buf[begin:stop] == b"location"
+        elif field == 2:
+            values.append(bytes(buf[begin:stop]))
+    return values if is_location else []
+
+
+def _locations(buf: Any, size: int) -> list[bytes]:
+    """Every value of an external_data entry keyed "location" in the serialized ModelProto buf[:size] (each
+    occurrence of a field is walked: protobuf merges repeated occurrences of a message field)."""
+    found: list[bytes] = []
+    stack = [("model", 0, size, 0)]  # (kind, start, end, graph nesting)
+    while stack:
+        kind, start, end, depth = stack.pop()
+        if kind == "tensor":
+            for field, begin, stop in _embedded(buf, start, end):
+                if field == 13:
+                    found += _entry_values(buf, begin, stop)
+            continue
+        depth += kind == "graph"
+        if depth > MAX_GRAPH_NESTING:
+            raise _Malformed(f"graphs nested more than {MAX_GRAPH_NESTING} deep")
+        holders = _TENSOR_HOLDERS[kind]
+        stack += [(holders[f], begin, stop, depth) for f, begin, stop in _embedded(buf, start, end) if f in holders]
+    return found
+
+
+def external_data_locations(graph: Path, what: str) -> list[str]:
+    """The external-data locations written inside ONNX file `graph` (memory-mapped: weights stored inside the graph
+    are skipped, not read). BundleError naming `what` if it cannot be read or is not a valid ONNX protobuf."""
+    try:
+        with open(graph, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                return []
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as buf:
+                values = _locations(buf, size)  # a memoryview indexes twice as fast as the mmap
+    except OSError as exc:
+        raise BundleError(f"could not load the {what} {graph}: it cannot be read ({exc}); the bundle is corrupt: "
+                          f"rebuild it.") from exc
+    except _Malformed as exc:
+        raise BundleError(f"could not load the {what} {graph}: it is not a valid ONNX protobuf ({exc}); the bundle "
+                          f"is corrupt: rebuild it.") from None
+    try:
+        return [value.decode("utf-8") for value in values]
+    except UnicodeDecodeError:
+        raise BundleError(f"could not load the {what} {graph}: an external-data location is not UTF-8 text; the "
+                          f"bundle is corrupt: rebuild it.") from None
+
+
+def _location_problem(manifest: Manifest, graph_path: str, location: str) -> str | None:
+    """Why `location` (written in the graph at bundle path `graph_path`) may not be read, or None."""
+    if ORT_MEMORY_TAG in location:
+        return "is ONNX Runtime's tag for reading process memory"
+    if location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
+        return "is an absolute path"
+    if not _relpath_pattern().search(location):
+        return "is not a plain relative path ('..', '.', '\\', ':' or control characters)"
+    relative = posixpath.join(posixpath.dirname(graph_path), location)
+    if relative not in manifest.files:
+        return (f"names '{relative}', which the manifest's 'files' table does not list (so nothing checks its "
+                f"size and sha256)")
+    return None
+
+
+def check_external_data(manifest: Manifest, only: set[str] | None = None) -> None:
+    """Refuse an ONNX graph of the bundle (those in `only`, if given) whose tensors read external data from anywhere
+    but a file the manifest lists (hashed by verify_files) inside the bundle folder. Runs before any session."""
+    models = [m for m in (manifest.target, manifest.draft, manifest.head) if m is not None]
+    for model in models:
+        graph_path = model.onnx_path
+        if graph_path is None or (only is not None and graph_path not in only):
+            continue
+        what = f"{model.role} ONNX graph"
+        for location in dict.fromkeys(external_data_locations(manifest.file(graph_path), what)):
+            problem = _location_problem(manifest, graph_path, location)
+            if problem:
+                raise BundleError(f"the {what} '{graph_path}' reads tensor data from {_short(location, 120)}, "
+                                  f"which {problem}. A bundle's graphs may only read weights from files inside the "
+                                  f"bundle that its manifest lists and hashes: the bundle is corrupt or was tampered "
+                                  f"with. Rebuild it, or get it again from a source you trust.")
+            manifest.file(posixpath.join(posixpath.dirname(graph_path), location))  # inside the folder, symlinks too
 
 
 def _no_constants(name: str) -> Any:

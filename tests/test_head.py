@@ -8,6 +8,7 @@ head beats guessing, and a bundle without a head (or a target without features) 
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -291,3 +292,74 @@ def test_training_interrupted_after_an_epoch_resumes_to_the_same_head(tiny_llama
     entry = _train(copies["resumed"], tmp_path / "w-res", **options)
     assert entry["training"]["steps"] == 30
     assert (copies["whole"] / "head.onnx.data").read_bytes() == (copies["resumed"] / "head.onnx.data").read_bytes()
+
+
+class _Killed(BaseException):
+    """A simulated crash: no `except Exception` catches it, and every later file operation fails too."""
+
+
+def _kill_after(monkeypatch, operations: int) -> list[str]:
+    """From the (operations + 1)-th rename, replace, link, unlink or rmdir on, each raises _Killed, as if the process
+    had died there (the cleanup it would run cannot touch the disk either). Returns the operations done."""
+    import os
+
+    done: list[str] = []
+    for name in ("replace", "rename", "link", "unlink", "rmdir"):
+        def operation(*args, _real=getattr(os, name), _name=name, **kwargs):
+            if len(done) >= operations:
+                raise _Killed(f"{_name} {args}")
+            done.append(f"{_name} {args}")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, operation)
+    return done
+
+
+def test_train_head_killed_at_any_file_operation_leaves_a_bundle_that_verifies(tiny_llama_pair, tmp_path, monkeypatch):
+    """A crash at each file operation of `train-head`, on a first training (the target graph gains its features
+    output) and a retraining (the head's files are replaced): the bundle verifies with verify="full" and loads, as
+    the old bundle, the new one, or (first training) the target with features and no head yet; a rerun completes
+    it and leaves no staged file behind."""
+    from spectrt.runtime.generator import Generator
+    from spectrt.runtime.manifest import read_manifest
+
+    options = dict(steps=2, text_tokens=300, max_new_tokens=4)
+    plain = _build(tiny_llama_pair, tmp_path / "plain")
+    trained = tmp_path / "trained"
+    shutil.copytree(plain, trained)
+    _train(trained, tmp_path / "work-a", **options)  # the old head of the retraining; fills work-a
+    (tmp_path / "work-b").mkdir()
+    shutil.copy(tmp_path / "work-a" / "data.npz", tmp_path / "work-b" / "data.npz")
+    scenarios = {"first": (plain, tmp_path / "work-a", {}), "retrain": (trained, tmp_path / "work-b", {"lr": 2e-3})}
+    for name, (start, work, changes) in scenarios.items():
+        probe = tmp_path / f"{name}-probe"
+        shutil.copytree(start, probe)
+        _train(probe, work, **options, **changes)  # later runs reuse work's data and checkpoint: no training
+        new_head = (probe / "head.onnx.data").read_bytes()
+        if name == "retrain":
+            assert new_head != (start / "head.onnx.data").read_bytes()  # else a mixed state could pass unnoticed
+        for killed_at in itertools.count():
+            copy = tmp_path / f"{name}-{killed_at}"
+            shutil.copytree(start, copy)
+            operations = _kill_after(monkeypatch, killed_at)
+            try:
+                _train(copy, work, **options, **changes)
+            except _Killed:
+                pass
+            else:
+                break  # a run with no more operations than that: every point was covered
+            finally:
+                monkeypatch.undo()
+            manifest = read_manifest(copy)
+            Generator(copy, verify="full", threads=1, invariance="off")  # hashes every listed file, loads every graph
+            if manifest.head is None:
+                assert name == "first"
+            elif manifest.head.raw["training"]["config"]["lr"] != changes.get("lr", TRAIN["lr"]):
+                assert name == "retrain"  # the old head, intact
+            else:
+                assert manifest.file(manifest.head.onnx_data).read_bytes() == new_head
+            _train(copy, work, **options, **changes)
+            assert (copy / "head.onnx.data").read_bytes() == new_head
+            assert not [p.name for p in copy.iterdir() if ".staged-" in p.name or ".placing-" in p.name
+                        or ".writing-" in p.name]
+        assert killed_at >= 8, operations

@@ -157,9 +157,7 @@ class OrtDecoder(CacheBookkeeping):
         self._np_dtype = self.cache.dtype
         # graphs built for a draft head also return the final hidden state of every position
         self.features_size = next((o.shape[2] for o in self.session.get_outputs() if o.name == "features"), None)
-        self._features = (None if self.features_size is None
-                          else np.zeros((1, max_context, self.features_size), np.float32))  # [1, max_context, H]
-        self.last_features: np.ndarray | None = None  # [S, H] of the last step (a view into a reused buffer)
+        self.last_features: np.ndarray | None = None  # [S, H] of the last step, a new array per step (as the logits)
 
     def _forward(self, token_ids: np.ndarray) -> np.ndarray:
         """token_ids [S] -> logits [R, V] of the last R = min(S, logits_rows) positions, in a new array per step (the
@@ -178,8 +176,8 @@ class OrtDecoder(CacheBookkeeping):
         binding.bind_cpu_input("input_ids", token_ids)
         logits = np.empty((1, min(count, self.logits_rows or count), self.vocab), np.float32)  # [1, R, V]
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        if self._features is not None:
-            features = self._features[:, :count]  # [1, S, H], contiguous
+        if self.features_size is not None:
+            features = np.empty((1, count, self.features_size), np.float32)  # [1, S, H]
             binding.bind_output("features", "cpu", 0, np.float32, features.shape, features.ctypes.data)
             self.last_features = features[0]
         for layer in range(self.num_layers):
@@ -198,6 +196,5 @@ class OrtDecoder(CacheBookkeeping):
         self.session = None
         self.cache = RowCounter(self.max_context)  # bookkeeping still answers (length 0), the arrays are gone
         self.cached_tokens, self._pending = [], []
-        self._features = None
         self.last_features = None
 

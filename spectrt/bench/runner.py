@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -384,7 +384,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["command"] = " ".join(sys.argv)
-    del generator
+    generator.close()  # its sessions and caches are freed before the peers load their models
     unconstrained = {name: prompts for name, prompts in workloads.items() if not schemas[name]}
     peers = run_peers(config, unconstrained, results["bundle"], say) if unconstrained else {}
     if peers:  # the peers generate without constraints: unconstrained workloads only
