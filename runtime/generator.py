@@ -71,6 +71,7 @@ class GenerateConfig:
             object.__setattr__(self, "json_schema", spec.source)  # JSON text: the frozen config holds no dict
         if spec is not None and spec.kind == "choice":
             object.__setattr__(self, "choice", tuple(json.loads(spec.source)))
+        object.__setattr__(self, "_constraint", spec)  # parsed once: a large schema's JSON round trip holds the GIL
 
     @property
     def sampling(self) -> SamplingParams:
@@ -79,7 +80,7 @@ class GenerateConfig:
     @property
     def constraint(self) -> ConstraintSpec | None:
         """The structured-output constraint of this request, if any."""
-        return constraint_spec(self.json_schema, self.regex, self.grammar, self.choice)
+        return self._constraint
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,15 @@ def test_openai_client_chat_and_completion_stream_and_not(smollm2_bundle):
         usage = completion.usage.model_dump()
         assert usage["completion_tokens"] == 40 and usage["drafted_tokens"] > 0
         assert usage["accepted_tokens"] <= usage["drafted_tokens"] and 0 <= usage["acceptance_rate"] <= 1
-        assert usage["rounds"] >= 1 and usage["fallback_rounds"] >= 0
+        # a speculative round (not a fallback, not a miss) drafts 1 to 4 (the widest built width) tokens
+        speculative_rounds = usage["rounds"] - usage["fallback_rounds"] - usage["draft_misses"]
+        assert 1 <= speculative_rounds <= usage["drafted_tokens"] <= 4 * speculative_rounds
+        plain = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body={"width": 0}).usage.model_dump()
+        own = generator.generate(prompt, max_new_tokens=12, width=0).metrics
+        assert (plain["fallback_rounds"], plain["rounds"], plain["drafted_tokens"]) == (
+            own.fallback_rounds, own.rounds, own.drafted_tokens)
+        assert plain["fallback_rounds"] == plain["rounds"] >= 1 and plain["drafted_tokens"] == 0  # all plain
         streamed = client.completions.create(model="smollm2", prompt=prompt, max_tokens=40, temperature=0,
                                              stream=True, stream_options={"include_usage": True})
         pieces, finish, stream_usage = [], None, None
@@ -87,22 +95,20 @@ def test_a_client_that_disconnects_mid_stream_frees_the_generator(smollm2_bundle
     try:
         body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
                 "stream": True}
-        start = time.monotonic()
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             received = [line for _, line in zip(range(6), lines) if line.startswith("data:")]
         assert len(received) >= 2  # then the connection is closed, 400 tokens from done
         short = {"model": "smollm2", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
         answer = httpx.post(f"{server.url}/v1/completions", json=short, timeout=60).json()
-        elapsed = time.monotonic() - start
         expected = Generator(smollm2_bundle, threads=1).generate("Hello", max_new_tokens=8).text
         assert answer["choices"][0]["text"] == expected
-        full = Generator(smollm2_bundle, threads=1).generate("Once upon a time", max_new_tokens=400)
-        assert elapsed < full.metrics.total_seconds, "the abandoned generation ran to its end first"
-        deadline = time.monotonic() + 10
-        while metric_sum(server.metrics(), "spectrt_requests_total", finish_reason="cancelled") < 1:
-            assert time.monotonic() < deadline, "the cancelled request was never counted"
-            time.sleep(0.2)
+        # the worker records a request it stops for its client before it frees the generator, so the short
+        # request's answer implies the record: the abandoned one stopped early, far from its 400 tokens
+        samples = server.metrics()
+        assert metric_sum(samples, "spectrt_requests_total", finish_reason="cancelled") == 1
+        abandoned = metric_sum(samples, "spectrt_cancelled_generated_tokens_total")
+        assert len(received) <= abandoned < 100, abandoned  # each event the client read was one token
     finally:
         server.stop()
 

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,146 @@ def test_parse_request_maps_inputs_onto_generate_options():
                          ({"messages": text("{not json")}, "not valid JSON")):
         with pytest.raises(RequestError, match=message):
             parse_request(bad)
+
+
+# --- the model in this process, under a stand-in for Triton's Python backend (fast) ------------------
+
+def stand_in_backend() -> types.ModuleType:
+    """Just enough of `triton_python_backend_utils` to run TritonPythonModel here; metric values are kept in
+    `backend.metric_values[(family name, sorted labels)]`."""
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb.metric_values = {}
+
+    class TritonModelException(Exception):
+        pass
+
+    class TritonError:
+        def __init__(self, message: str):
+            self.message = message
+
+    class Tensor:
+        def __init__(self, name: str, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {tensor.name: tensor.array for tensor in output_tensors}
+            self.error = error
+
+    class Logger:
+        log_info = log_warn = log_error = log_verbose = staticmethod(lambda message: None)
+
+    class MetricFamily:
+        COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+        def __init__(self, name: str, description: str, kind: str):
+            family = self
+
+            class Metric:
+                def __init__(self, labels: dict[str, str], buckets=None):
+                    self.key = (family.name, tuple(sorted(labels.items())))
+                    pb.metric_values.setdefault(self.key, 0.0)
+
+                def increment(self, value: float) -> None:
+                    pb.metric_values[self.key] += value
+
+                def set(self, value: float) -> None:
+                    pb.metric_values[self.key] = value
+
+                def observe(self, value: float) -> None:
+                    pb.metric_values[self.key] += 1  # the count of observations
+
+            self.name, self.Metric = name, Metric
+
+    pb.TritonModelException, pb.TritonError, pb.Tensor = TritonModelException, TritonError, Tensor
+    pb.InferenceResponse, pb.Logger, pb.MetricFamily = InferenceResponse, Logger, MetricFamily
+    pb.using_decoupled_model_transaction_policy = lambda config: config["model_transaction_policy"]["decoupled"]
+    pb.triton_string_to_numpy = lambda dtype: {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64}[dtype]
+    pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    return pb
+
+
+class StandInRequest:
+    """One request: its inputs (name -> Tensor) and its own response sender, which keeps what it is sent."""
+
+    def __init__(self, pb, **inputs):
+        self.inputs = {name: pb.Tensor(name, np.array([value.encode()] if isinstance(value, str) else [value],
+                                                      dtype=object if isinstance(value, str) else np.int32))
+                       for name, value in inputs.items()}
+        self.responses = []  # (response or None, flags)
+
+    def get_response_sender(self):
+        return self
+
+    def send(self, response=None, flags: int = 0) -> None:
+        self.responses.append((response, flags))
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+@pytest.fixture()
+def stand_in_model(tiny_bundle, monkeypatch):
+    """(TritonPythonModel initialised on the tiny bundle, its stand-in backend)."""
+    from spectrt.serve.triton import OUTPUTS
+    from spectrt.serve.triton_model import TritonPythonModel
+
+    pb = stand_in_backend()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    config = {"model_transaction_policy": {"decoupled": True}, "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+              "parameters": {"spectrt_bundle": {"string_value": str(tiny_bundle)},
+                             "spectrt_threads": {"string_value": "1"},
+                             "spectrt_allow_numpy2": {"string_value": "true"}},  # no stub here: nothing misreads
+              "output": [{"name": name, "data_type": dtype} for name, dtype, _ in OUTPUTS]}
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_name": MODEL, "model_repository": str(tiny_bundle),
+                      "model_version": "1", "model_instance_name": f"{MODEL}_0_0", "model_instance_kind": "CPU"})
+    yield model, pb
+    model.finalize()
+
+
+def test_requests_are_labelled_by_the_drafter_they_run_with(stand_in_model):
+    model, pb = stand_in_model
+    drafts = {"auto": "model", "model": "model", "ngram": "ngram", "none": "none", "head": "head",
+              "grammar": "grammar", "grammar+ngram": "grammar+ngram", "grammar+model": "grammar+model",
+              "medusa": "unknown"}  # a misspelt drafter is refused; its label stays one of a known few
+    requests = [StandInRequest(pb, prompt="hi", max_tokens=3, draft=draft) for draft in drafts]
+    model.execute(requests)
+    for (draft, label), request in zip(drafts.items(), requests):
+        final, flags = request.responses[-1]
+        assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL, draft
+        # the tiny bundle has no head, and the Triton model takes no constraint: those three are refused
+        reason = "length" if draft in ("auto", "model", "ngram", "none") else "invalid"
+        assert (final.error is None) == (reason == "length"), (draft, final.error and final.error.message)
+        key = ("spectrt_requests_total", tuple(sorted({"model": MODEL, "drafter": label,
+                                                        "finish_reason": reason}.items())))
+        assert pb.metric_values.get(key, 0) >= 1, (draft, sorted(pb.metric_values))
+    # a constrained request runs `auto` as grammar + the bundle's drafter, as the Generator resolves it
+    assert model._drafter({"prompt": "hi", "regex": "[0-9]+"}) == "grammar+model"
+    assert model._drafter({"prompt": "hi", "draft": "ngram", "choice": ("a", "b")}) == "ngram"
+
+
+def test_finalize_closes_the_generator(stand_in_model):
+    from spectrt.runtime.errors import GenerationError
+
+    model, pb = stand_in_model
+    generator = model.generator
+    closes = []
+    close = generator.close
+    generator.close = lambda: (closes.append(1), close())[1]
+    request = StandInRequest(pb, prompt="hi", max_tokens=3)
+    model.execute([request])
+    assert request.responses[-1][0].error is None
+    model.finalize()
+    assert closes == [1]
+    with pytest.raises(GenerationError, match="closed"):  # the backends were freed
+        generator.generate("hi", max_new_tokens=2)
+    model.finalize()  # Triton may call it again: nothing left to close
+    assert closes == [1]
 
 
 # --- a real Triton Inference Server (slow: installs the wheel once, ~30 s) ----------------------------
@@ -384,20 +525,30 @@ def metric_total(server, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_a_cancelled_stream_frees_its_instance(server, tiny_bundle):
+def test_a_cancelled_stream_frees_its_instance(triton_env, tiny_bundle, tmp_path):
+    """One instance: the requests after the cancelled one run on the instance it held, after it was freed and
+    counted, so their answers imply the count (no waiting for it)."""
     from spectrt.runtime.generator import Generator
 
-    generator = Generator(tiny_bundle, threads=1)
-    before = metric_total(server, "spectrt_requests_total", model=MODEL, finish_reason="cancelled")
-    long = {**request(PROMPTS[3], max_tokens=120, draft="none"), "cancel_after": 3}
-    results = run_client(server, [long] + [request(prompt, max_tokens=30) for prompt in PROMPTS])
-    assert len(results[0]["responses"]) == 3 and results[0]["error"] is None
-    for got, prompt in zip(results[1:], PROMPTS):
-        check_against_generator(server, generator, got, {"prompt": prompt}, 30)
-    deadline = time.monotonic() + 10
-    while metric_total(server, "spectrt_requests_total", model=MODEL, finish_reason="cancelled") <= before:
-        assert time.monotonic() < deadline, f"the cancelled request was never counted\n{server.log()}"
-        time.sleep(0.2)
+    result = CliRunner().invoke(triton_repo_command, [
+        str(tiny_bundle), str(tmp_path / "repo"), "--name", MODEL, "--threads", "1",
+        "--python-env", triton_env["TRITON_STUB_ENV"]])
+    assert result.exit_code == 0, result.output
+    server = TritonServer(triton_env, tmp_path / "repo", tmp_path)
+    try:
+        server.wait_ready()
+        server.env, server.workdir = triton_env, tmp_path
+        generator = Generator(tiny_bundle, threads=1)
+        long = {**request(PROMPTS[3], max_tokens=120, draft="none"), "cancel_after": 3}
+        results = run_client(server, [long] + [request(prompt, max_tokens=30) for prompt in PROMPTS])
+        assert len(results[0]["responses"]) == 3 and results[0]["error"] is None
+        for got, prompt in zip(results[1:], PROMPTS):
+            check_against_generator(server, generator, got, {"prompt": prompt}, 30)
+        cancelled = metric_total(server, "spectrt_requests_total", model=MODEL, finish_reason="cancelled")
+        assert cancelled == 1, f"the cancelled request was counted {cancelled} times\n{server.log()}"
+        assert metric_total(server, "spectrt_requests_total", model=MODEL) == 1 + len(PROMPTS)  # each once
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

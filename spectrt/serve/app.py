@@ -8,8 +8,10 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text). Errors are OpenAI-s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -25,6 +27,8 @@ from spectrt.runtime.generator import Generator, StreamChunk
 from .engine import Engine, Pacer, QueueFull
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ResponseIds, error_body
+
+log = logging.getLogger("spectrt.serve")
 
 
 @dataclass(frozen=True)
@@ -44,17 +48,20 @@ def _field_name(location: tuple) -> str:
 
 
 def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
-    """The ASGI app serving `generator` under the model name `config.model_name`."""
-    engine = Engine(generator, max_queue=config.max_queue)
+    """The ASGI app serving `generator` under the model name `config.model_name`; the app owns the generator:
+    when the server stops (the lifespan ends), the engine stops and the generator is closed."""
+    metrics = ServerMetrics(config.model_name, lambda: engine.queue_depth, generator.scheduler_state,
+                            generator.invariance)
+    engine = Engine(generator, max_queue=config.max_queue, on_cancelled=lambda job: _safely(
+        metrics.observe_cancelled_tokens, job.label, job.generated))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        engine.shutdown()
+        await asyncio.to_thread(engine.shutdown)  # returns once the worker has closed every stream
+        await asyncio.to_thread(generator.close)
 
     app = FastAPI(title="spectrt", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = ServerMetrics(config.model_name, lambda: engine.queue_depth, generator.scheduler_state,
-                            generator.invariance)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
 
     @app.exception_handler(RequestValidationError)
@@ -82,6 +89,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
+        _safely(metrics.refresh_scheduler)  # the scheduler gauges as of now (a snapshot under the generator's lock)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
@@ -98,17 +106,17 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
                                            f"'{config.model_name}' (GET /v1/models).", param="model",
                                            code="model_not_found"), status_code=404)
         options = body.generate_options(config.default_max_tokens)
-        try:
-            stream = generator.stream(**body.prompt_input(), **options)  # validates: GenerationError -> 400
-            job = engine.submit(stream)
+        prompt = body.prompt_input()
+        constrained = any(options.get(key) for key in ("json_schema", "regex", "grammar", "choice"))
+        drafter = generator.resolve_drafter(body.draft, constrained)  # auto -> model | ngram | grammar+...
+        try:  # the set-up (tokenizing, chat template, constraint compile) runs off the event loop
+            job = await engine.submit(lambda: generator.stream(**prompt, **options), drafter)
         except QueueFull as exc:
             metrics.rejected.labels(config.model_name).inc()
             return JSONResponse(error_body(str(exc), kind="rate_limit_error", code="queue_full"), status_code=429,
                                 headers={"Retry-After": "1"})
-        except SpectrtError as exc:
+        except SpectrtError as exc:  # Generator.stream validates: GenerationError -> 400 naming the field
             return JSONResponse(error_body(str(exc), param=_guess_param(str(exc))), status_code=400)
-        constrained = any(options.get(key) for key in ("json_schema", "regex", "grammar", "choice"))
-        drafter = generator.resolve_drafter(body.draft, constrained)  # auto -> model | ngram | grammar+...
         pacing = body.pacing or config.pacing
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -120,17 +128,20 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
                 texts.append(chunk.text)
                 final = chunk if chunk.token_id is None else final
         except Exception as exc:  # the generation failed half-way
-            metrics.observe(drafter, "error", None)
+            _safely(metrics.observe, drafter, "error", None)
             return JSONResponse(error_body(f"generation failed: {type(exc).__name__}: {exc}", kind="server_error"),
                                 status_code=500)
-        data = final.metrics.to_json()
-        _observe(drafter, final)
-        return JSONResponse(ids.completion("".join(texts), final.finish_reason, data))
+        if final is None:  # the worker stopped it: the server is shutting down
+            return JSONResponse(error_body("the server is shutting down; retry on another instance.",
+                                           kind="server_error"), status_code=503)
+        response = JSONResponse(ids.completion("".join(texts), final.finish_reason, final.metrics.to_json()))
+        _observe(drafter, final)  # after the response is built: a metrics failure never costs the text
+        return response
 
     def _observe(drafter: str, final: StreamChunk) -> None:
         m = final.metrics
-        metrics.observe(drafter, final.finish_reason, m.to_json(), m.delivery_gaps, m.round_latencies,
-                        dict(m.accepted_length_histogram))
+        _safely(metrics.observe, drafter, final.finish_reason, m.to_json(), m.delivery_gaps, m.round_latencies,
+                dict(m.accepted_length_histogram))
 
     async def _sse(job, ids: ResponseIds, drafter: str, pacing: str, include_usage: bool) -> AsyncIterator[str]:
         pacer = Pacer(_median_tpot(generator) if pacing == "paced" else None, config.max_pacing_delay)
@@ -146,7 +157,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
                     first = False
         except Exception as exc:  # the generation failed half-way: tell the client, then end the stream
             failed = True
-            metrics.observe(drafter, "error", None)
+            _safely(metrics.observe, drafter, "error", None)
             yield _event(error_body(f"generation failed: {type(exc).__name__}: {exc}", kind="server_error"))
             yield "data: [DONE]\n\n"
             return
@@ -154,7 +165,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
             if final is None:
                 job.cancelled.set()  # the client went away (or the server stops): free the generator
                 if not failed:
-                    metrics.observe(drafter, "cancelled", None)
+                    _safely(metrics.observe, drafter, "cancelled", None)
         yield _event(ids.chunk(final.text, final.finish_reason, first=first))
         if include_usage:
             yield _event(ids.usage_chunk(final.metrics.to_json()))
@@ -162,6 +173,14 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
         _observe(drafter, final)
 
     return app
+
+
+def _safely(record, *args: Any) -> None:
+    """Record metrics; a failure is logged and never costs a response."""
+    try:
+        record(*args)
+    except Exception:
+        log.exception("spectrt serve: recording metrics failed (the response is unaffected)")
 
 
 def _event(data: dict[str, Any]) -> str:

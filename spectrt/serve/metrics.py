@@ -1,8 +1,9 @@
 """Prometheus metrics of `spectrt serve` (the standard `prometheus_client` library, one registry per server).
 
 Every request's own `RequestMetrics` is added exactly once when it finishes, so the counters are the
-sums of the requests' numbers. Labels: `bundle` and `drafter` (model, ngram, none); requests also by
-`finish_reason`. Durations are seconds, measured by the generator (see the README's Metrics table).
+sums of the requests' numbers. Labels: `bundle` and `drafter` (model, ngram, none, head, grammar...);
+requests also by `finish_reason`. Durations are seconds, measured by the generator (see the README's
+Metrics table). The scheduler gauges are read from the generator's snapshot at every scrape.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class ServerMetrics:
                                       "proposal.", labels, registry=self.registry)
         self.rejected_tokens = Counter("spectrt_rejected_tokens", "Proposed tokens the target rejected.", labels,
                                        registry=self.registry)
+        self.cancelled_tokens = Counter("spectrt_cancelled_generated_tokens", "Tokens generated for requests whose "
+                                        "client went away before the end (counted when the generator stopped them).",
+                                        labels, registry=self.registry)
 
         def histogram(name: str, doc: str, buckets=LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
@@ -81,6 +85,14 @@ class ServerMetrics:
         for accepted, count in (accepted_lengths or {}).items():
             for _ in range(count):
                 self.accepted_length.labels(*labels).observe(accepted)
+        self.refresh_scheduler()
+
+    def observe_cancelled_tokens(self, drafter: str, tokens: int) -> None:
+        """A request stopped early because its client went away, after `tokens` tokens."""
+        self.cancelled_tokens.labels(self.bundle, drafter).inc(tokens)
+
+    def refresh_scheduler(self) -> None:
+        """Set the scheduler gauges from the generator's current state (a consistent snapshot)."""
         for name, state in self._scheduler_state().items():
             if state["width"] is not None:
                 self.width.labels(self.bundle, name).set(state["width"])

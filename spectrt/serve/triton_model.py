@@ -58,6 +58,8 @@ HISTOGRAMS = {  # histogram name: (what it measures, the RequestMetrics field)
                                               "time_per_output_token"),
 }
 LATENCY_BUCKETS = list(_LATENCY_BUCKETS)
+# the Generator.stream options that constrain the output (drafter `auto` becomes grammar+...)
+CONSTRAINT_OPTIONS = ("json_schema", "regex", "grammar", "choice")
 
 
 class TritonMetrics:
@@ -287,11 +289,12 @@ class TritonPythonModel:
         return None  # decoupled: every response went through the request's response sender
 
     def _drafter(self, kwargs: dict[str, Any]) -> str:
-        """The drafter a request runs with (the `drafter` metric label)."""
-        draft = str(kwargs.get("draft", "auto"))
-        if draft == "auto":
-            return "model" if self.generator.draft is not None else "ngram"
-        return draft if draft in ("model", "ngram", "none") else "unknown"
+        """The drafter a request runs with (the `drafter` metric label), as the Generator resolves it."""
+        from spectrt.runtime.drafters import DRAFTERS
+
+        constrained = any(kwargs.get(key) is not None for key in CONSTRAINT_OPTIONS)
+        drafter = self.generator.resolve_drafter(str(kwargs.get("draft", "auto")), constrained)
+        return drafter if drafter in DRAFTERS else "unknown"  # a misspelt draft is refused; labels stay bounded
 
     def _serve(self, request) -> None:
         pb = self.pb
@@ -335,4 +338,7 @@ class TritonPythonModel:
                 self._fail(sender, f"internal error in the spectrt model: {exc}", drafter, "error")
 
     def finalize(self) -> None:
-        self.generator = None
+        """Triton unloads the instance: free what the Generator's backends hold (sessions, device memory)."""
+        generator, self.generator = getattr(self, "generator", None), None
+        if generator is not None:
+            generator.close()
