@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from spectrt import plan as memory_plan
 from spectrt.cli import main
 from spectrt.errors import ConfigError
-from spectrt import plan as memory_plan
-from spectrt.plan import memory as plan_memory
-from spectrt.runtime.backends.device_plan import dynamic_profile, plan_memory
-from spectrt.runtime.kv_cache import KVCache
-from spectrt.runtime.manifest import read_manifest
 from spectrt.plan import DEVICES, device_named, make_plan, plan_bundle
 from spectrt.plan.calibration import GiB, MiB
 from spectrt.plan.shapes import ModelShape, shape_from_entry
+from spectrt.runtime.backends.device_plan import dynamic_profile, plan_memory
+from spectrt.runtime.kv_cache import KVCache
+from spectrt.runtime.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import ctypes
 import json
 import weakref
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from spectrt.errors import BackendUnavailableError, GenerationError
-from spectrt.runtime.backends import device_plan, planned
+from spectrt.runtime.backends import planned
 from spectrt.runtime.generator import Generator
 
 PROMPTS = ["the cat sat on", "a b a b a b a b", "once upon a time there was a little"]

@@ -410,19 +410,27 @@ class TritonServer:
                 self.process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(triton_env, tiny_bundle, tmp_path_factory, request):
-    failed_before = request.session.testsfailed
-    workdir = tmp_path_factory.mktemp("triton")
-    result = CliRunner().invoke(triton_repo_command, [
-        str(tiny_bundle), str(workdir / "repo"), "--name", MODEL, "--instances", "2", "--threads", "1",
-        "--python-env", triton_env["TRITON_STUB_ENV"]])
+def start_server(triton_env: dict[str, str], bundle: Path, workdir: Path, *options: str) -> TritonServer:
+    """A model repository for `bundle` (`spectrt triton-repo ... options`) served by a ready tritonserver."""
+    result = CliRunner().invoke(triton_repo_command, [str(bundle), str(workdir / "repo"), "--name", MODEL, *options,
+                                                      "--python-env", triton_env["TRITON_STUB_ENV"]])
     assert result.exit_code == 0, result.output
     server = TritonServer(triton_env, workdir / "repo", workdir)
     try:
         print(f"tritonserver ready in {server.wait_ready():.1f} s")
-        server.env = triton_env
-        server.workdir = workdir
+    except BaseException:
+        server.stop()
+        raise
+    server.env, server.workdir = triton_env, workdir
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(triton_env, tiny_bundle, tmp_path_factory, request):
+    failed_before = request.session.testsfailed
+    server = start_server(triton_env, tiny_bundle, tmp_path_factory.mktemp("triton"), "--instances", "2",
+                          "--threads", "1")
+    try:
         yield server
     finally:
         server.stop()
@@ -530,14 +538,8 @@ def test_a_cancelled_stream_frees_its_instance(triton_env, tiny_bundle, tmp_path
     counted, so their answers imply the count (no waiting for it)."""
     from spectrt.runtime.generator import Generator
 
-    result = CliRunner().invoke(triton_repo_command, [
-        str(tiny_bundle), str(tmp_path / "repo"), "--name", MODEL, "--threads", "1",
-        "--python-env", triton_env["TRITON_STUB_ENV"]])
-    assert result.exit_code == 0, result.output
-    server = TritonServer(triton_env, tmp_path / "repo", tmp_path)
+    server = start_server(triton_env, tiny_bundle, tmp_path, "--threads", "1")
     try:
-        server.wait_ready()
-        server.env, server.workdir = triton_env, tmp_path
         generator = Generator(tiny_bundle, threads=1)
         long = {**request(PROMPTS[3], max_tokens=120, draft="none"), "cancel_after": 3}
         results = run_client(server, [long] + [request(prompt, max_tokens=30) for prompt in PROMPTS])
@@ -610,14 +612,8 @@ def test_max_queue_rejects_what_does_not_fit(triton_env, tiny_bundle, tmp_path):
     at once by Triton's queue policy (`dynamic_batching` with max_batch_size 0 only queues, never batches)."""
     from spectrt.runtime.generator import Generator
 
-    result = CliRunner().invoke(triton_repo_command, [
-        str(tiny_bundle), str(tmp_path / "repo"), "--name", MODEL, "--max-queue", "1",
-        "--python-env", triton_env["TRITON_STUB_ENV"]])
-    assert result.exit_code == 0, result.output
-    server = TritonServer(triton_env, tmp_path / "repo", tmp_path)
+    server = start_server(triton_env, tiny_bundle, tmp_path, "--max-queue", "1")
     try:
-        server.wait_ready()
-        server.env, server.workdir = triton_env, tmp_path
         results = run_client(server, [request(PROMPTS[3], max_tokens=120, draft="none")] * 4, concurrent=True)
         rejected = [r for r in results if r["error"] is not None]
         assert rejected and all("Exceeds maximum queue size" in r["error"] for r in rejected), results
