@@ -119,8 +119,12 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize, accuracy_level=level,
                      logits_rows=logits_rows, output_ids=output_ids, features=features)
     label = config.precision + (f", {quantize} weights" if spec.quantized else "")
+    held = None
     with progress.step(f"export {role} ONNX ({label}, {loaded.arch.num_layers} layers)"):
-        export_onnx(loaded, spec, onnx_path)
+        if quantize == "gguf":
+            held = export_gguf_blocks(loaded, spec, onnx_path)
+        else:
+            export_onnx(loaded, spec, onnx_path)
     validation = None
     if config.validate:
         with progress.step(f"validate {role} against transformers"):
@@ -146,7 +150,8 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
                                   "other ids are -inf"}),
         "widths": list(config.widths) if role == "target" else [],
         "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows, features),
-        "quantization": ({"scheme": quantize,
+        "quantization": (gguf_quantization_record(held, spec) if held is not None else
+                         {"scheme": quantize,
                           "method": ("affine 4-bit blocks (integer zero point, fitted scale)" if quantize == "int4"
                                      else "symmetric 8-bit blocks") + ", onnxruntime MatMulNBits; lm_head "
                                     + ("fp32" if spec.accuracy_level == 0 else "int8"),
@@ -161,6 +166,43 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     del loaded
     gc.collect()
     return entry, generation
+
+
+def export_gguf_blocks(loaded: Any, spec: GraphSpec, onnx_path: Path) -> Any:
+    """quantize=gguf: write the graph with every linear weight and the embeddings taken from the GGUF file's own
+    blocks (loading.GgufBlocks), each checked bit for bit against transformers' loaded weight of that name before
+    it is written. Returns the GgufBlocks, which knows what was held."""
+    from .export import rope_tables, state_dict_weights
+    from .loading import GgufBlocks, verify_blocks
+    from .onnx_graph import build_decoder_onnx
+
+    weights = state_dict_weights(loaded)
+    held = GgufBlocks(loaded.source, loaded.arch, list(loaded.model.state_dict()))
+
+    def blocks(name: str) -> Any:
+        weight = held(name)
+        if weight is not None:
+            verify_blocks(weight, weights(name), name)
+        return weight
+
+    cos, sin = rope_tables(loaded, spec.max_context)
+    build_decoder_onnx(loaded.arch, weights, cos, sin, spec, onnx_path, blocks=blocks)
+    return held
+
+
+def gguf_quantization_record(held: Any, spec: GraphSpec) -> dict[str, Any]:
+    """The manifest's quantization record of a quantize=gguf model: what the file held and how it runs."""
+    record = held.record()
+    return {"scheme": "gguf",
+            "method": "the GGUF file's own blocks, not re-quantized: onnxruntime MatMulNBits codes with fp32 scales "
+                      "(+ an fp32 block-minimum correction, x's 32-element block sums @ correction, for types with a "
+                      "minimum); token embeddings gathered from the same blocks; F32/F16/BF16 tensors as float "
+                      "MatMul; every tensor checked bit for bit against transformers' dequantized weight",
+            "accuracy_level": spec.accuracy_level,
+            "block_types": record["block_types"],  # GGUF type -> how many of the file's tensors the graph holds so
+            "tensors": record["tensors"],  # GGUF tensor name -> its type
+            "zero_point_folded": record["zero_point_folded"],
+            "rope_rows_unpermuted": record["rope_rows_unpermuted"]}
 
 
 def compile_tensorrt(role: str, entry: dict[str, Any], config: BuildConfig, work_dir: Path,
@@ -240,6 +282,7 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
     progress.say(f"spectrt build → {out_dir}")
     with progress.step("resolve models"):
         sources = {role: resolve_source(getattr(config, role)) for role in ROLES}
+        config.check_sources(sources)
     with progress.step("check architectures and tokenizers"):
         archs = check_archs(config, sources)
         tokenizers = {role: load_tokenizer(sources[role]) for role in ROLES}

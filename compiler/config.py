@@ -12,7 +12,7 @@ from spectrt.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "tensorrt", "all")
-QUANTIZE = ("none", "int8", "int4")
+QUANTIZE = ("none", "int8", "int4", "gguf")  # gguf: the source GGUF file's own blocks, not re-quantized
 DEFAULT_WIDTHS = (2, 4, 8)
 
 
@@ -33,7 +33,8 @@ class BuildConfig:
     timing_cache: str | None = None  # TensorRT timing cache file (read if present, written after build)
     compute_capabilities: tuple[str, ...] = field(default=())  # TensorRT-RTX targets, e.g. ("SM86",)
     prefill_opt: int = 128  # TensorRT prefill profile's optimal length
-    quantize: str = "none"  # none | int8 | int4: weight-only quantized ONNX for the ONNX Runtime CPU path
+    quantize: str = "none"  # none | int8 | int4 | gguf: weight-only quantized ONNX for the ONNX Runtime CPU path
+    # (gguf: every linear layer and the embeddings from the .gguf source's own blocks, exactly as stored)
     draft_quantize: str | None = None  # the draft's scheme if different (None = same as quantize)
     draft_vocab: int = 0  # 0 = all; N: the draft's output layer covers the N lowest token ids (BPE merge order,
     # roughly frequency) plus the added/special tokens; the draft never proposes others, the target verifies all
@@ -69,6 +70,9 @@ class BuildConfig:
             raise ConfigError("--quantize/--draft-quantize make onnxruntime MatMulNBits graphs for the CPU path, which "
                               "TensorRT cannot parse; use --backend onnx with it, or build TensorRT engines "
                               "without --quantize (e.g. --precision fp16).")
+        if "gguf" in (self.quantize_for("target"), self.quantize_for("draft")) and self.precision != "fp32":
+            raise ConfigError(f"--quantize gguf holds the GGUF file's blocks with fp32 scales and computes in fp32; "
+                              f"--precision {self.precision} cannot be combined with it: use --precision fp32.")
         if self.draft_vocab < 0:
             raise ConfigError(f"draft_vocab must be >= 0 (got {self.draft_vocab}); 0 keeps the whole vocabulary.")
         if self.workspace_mb is not None and self.workspace_mb <= 0:
@@ -77,6 +81,16 @@ class BuildConfig:
             raise ConfigError("prefill_opt must be >= 1 (it is capped at max_context).")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ConfigError(f"bundle name '{self.name}' may only hold letters, digits, '.', '_' and '-'.")
+
+    def check_sources(self, sources: dict[str, Path]) -> None:
+        """Refuse options the resolved model sources cannot serve (cheap: before anything is loaded)."""
+        for role, source in sources.items():
+            if self.quantize_for(role) == "gguf" and not (Path(source).is_file() and Path(source).suffix == ".gguf"):
+                option = "--draft-quantize" if role == "draft" and self.draft_quantize is not None else "--quantize"
+                raise ConfigError(f"{option} gguf takes the {role}'s weights from its GGUF file's own blocks, but the "
+                                  f"{role} '{source}' is not a .gguf file; give a .gguf {role}, or choose int4/int8 "
+                                  f"(re-quantized) or none for it" + (" with --draft-quantize" if role == "draft"
+                                                                       else "") + ".")
 
     def quantize_for(self, role: str) -> str:
         """Weight quantization scheme of the target or the draft."""

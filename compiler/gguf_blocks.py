@@ -298,3 +298,52 @@ def _unpack_zero_points(zero_points: np.ndarray, bits: int, n: int, blocks: int)
     out = np.empty((n, per_row.shape[1] * 2), np.uint8)
     out[:, 0::2], out[:, 1::2] = per_row & np.uint8(0x0F), per_row >> np.uint8(4)
     return out[:, :blocks]
+
+
+# ------------------------------------------------------------------------------------------------
+# row operations (rows = output features): what the build needs to place a file's tensor in the graph
+# ------------------------------------------------------------------------------------------------
+
+
+def take_rows(weight: BlockWeight, rows: np.ndarray | slice) -> BlockWeight:
+    """The weight's rows `rows` (an index array or a slice), every part of the representation together:
+    codes, scales, zero points and correction. Exact (a selection, no arithmetic)."""
+    index = np.arange(weight.n)[rows]
+    zero_points = None
+    if weight.zero_points is not None:
+        zero_points = np.ascontiguousarray(weight.zero_points.reshape(weight.n, -1)[index].reshape(-1))
+    correction = None if weight.correction is None else np.ascontiguousarray(weight.correction[index])
+    return BlockWeight(weight.qtype, len(index), weight.k, weight.bits, weight.block_size,
+                       np.ascontiguousarray(weight.packed[index]), np.ascontiguousarray(weight.scales[index]),
+                       zero_points, correction)
+
+
+def rope_unpermute_rows(weight: BlockWeight, heads: int) -> BlockWeight:
+    """Undo the row permutation llama.cpp's converter applies to a llama-arch file's attn_q / attn_k (ggml's
+    rope pairs adjacent features, transformers' rotate_half pairs the two halves of a head): the same
+    permutation as transformers' LlamaTensorProcessor._reverse_permute_weights, applied to whole rows.
+    `heads`: query heads for attn_q, key/value heads for attn_k."""
+    half = weight.n // heads // 2
+    if heads * half * 2 != weight.n:
+        raise ModelLoadError(f"GGUF tensor of {weight.n} rows does not split into {heads} heads of pairs")
+    order = np.arange(weight.n).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)  # new row r = old row order[r]
+    return take_rows(weight, order)
+
+
+def form(weight: BlockWeight) -> tuple[int, int, bool, bool]:
+    """What one MatMulNBits node needs all its rows to share: bits, block size, zero points given, correction."""
+    return weight.bits, weight.block_size, weight.zero_points is not None, weight.correction is not None
+
+
+def concat_rows(weights: list[BlockWeight]) -> BlockWeight:
+    """Stack weights of the same form and K along the rows (q, k, v -> qkv). Exact."""
+    first = weights[0]
+    if len(weights) == 1:
+        return first
+    if any(form(w) != form(first) or w.k != first.k for w in weights):
+        raise ValueError("only weights of one form and input size stack into one MatMulNBits")
+    qtypes = sorted({w.qtype for w in weights})
+    return BlockWeight("+".join(qtypes), sum(w.n for w in weights), first.k, first.bits, first.block_size,
+                       np.concatenate([w.packed for w in weights]), np.concatenate([w.scales for w in weights]),
+                       None if first.zero_points is None else np.concatenate([w.zero_points for w in weights]),
+                       None if first.correction is None else np.concatenate([w.correction for w in weights]))

@@ -19,8 +19,9 @@ into a preallocated cache at row P and passes the prefix [:P] back next call (a 
 because the layout is sequence-major), so rolling back is moving P and no step copies the cache.
 
 Only plain ONNX ops (opset 17) are used so TensorRT 10.3+ parses the graph; the one exception is the
-optional weight-only quantized CPU variant (quantize=int8/int4), whose linear layers use
-onnxruntime's MatMulNBits and which is for ONNX Runtime only. In fp16 graphs the
+optional weight-only quantized CPU variant (quantize=int8/int4/gguf), whose linear layers use
+onnxruntime's MatMulNBits and which is for ONNX Runtime only. quantize=gguf takes every linear weight (and the
+token embeddings) from a GGUF file's own blocks (compiler/gguf_blocks.py), exactly as stored. In fp16 graphs the
 norms, softmax and logits are computed in fp32. Weights go to one external-data file written
 tensor by tensor, so the graph never holds all weights in memory twice.
 """
@@ -37,6 +38,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .arch import ModelArch
+from .gguf_blocks import CORRECTION_BLOCK, BlockWeight, concat_rows, form, take_rows
 
 OPSET = 17
 MASK_VALUE = -1e9  # added to fp32 scores of masked positions
@@ -153,6 +155,56 @@ class GraphBuilder:
         values = self.op("Mul", [centred, row_scales])  # [1, S, blocks, bs]
         return self.op("Reshape", [values, self.ints([1, -1, table.k])], prefix="embed")  # [1, S, K]
 
+    def store_blocks(self, name: str, weight: BlockWeight) -> "StoredBlocks":
+        """Write a GGUF block representation's tensors (MatMulNBits inputs; the correction transposed to
+        [K/32, N] for its MatMul) as they are."""
+        zeros = None if weight.zero_points is None else self.weight(name + ".zero_points", weight.zero_points, np.uint8)
+        correction = (None if weight.correction is None else
+                      self.weight(name + ".correction", np.ascontiguousarray(weight.correction.T), np.float32))
+        return StoredBlocks(weight, self.weight(name + ".q", weight.packed, np.uint8),
+                            self.weight(name + ".scales", weight.scales.reshape(-1), np.float32), zeros, correction)
+
+    def block_linear(self, x: str, stored: "StoredBlocks", accuracy_level: int, rank: int) -> str:
+        """x [.., K] (rank `rank`) @ W^T with W held as stored: MatMulNBits, + blocksum32(x) @ correction^T where the
+        type has a minimum (see gguf_blocks)."""
+        w = stored.weight
+        inputs = [x, stored.packed, stored.scales] + ([stored.zeros] if stored.zeros else [])
+        main = self.op("MatMulNBits", inputs, prefix="matmul_nbits", domain="com.microsoft", K=w.k, N=w.n,
+                       bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
+        if stored.correction is None:
+            return main
+        blocks = self.op("Reshape", [x, self.ints([0] * (rank - 1) + [w.k // CORRECTION_BLOCK, CORRECTION_BLOCK])])
+        block_sums = self.op("ReduceSum", [blocks, self.ints([-1])], keepdims=0)  # [.., K/32]
+        return self.op("Add", [main, self.op("MatMul", [block_sums, stored.correction])], prefix="block_min")
+
+    def embedding_from_blocks(self, table: "StoredBlocks", ids: str) -> str:
+        """Rows of a block table for token ids [1, S] -> [1, S, K] fp32, computed as gguf_blocks.
+        dequantize_representation computes them (code - zero, times the scale, plus the correction: the same
+        fp32 operations in the same order), so each row is the file's row bit for bit whatever S is. 4-bit codes
+        are unpacked in the graph (opset 17 has no bitwise ops: high = floor(byte / 16), low = byte - 16 high,
+        both exact in fp32)."""
+        w = table.weight
+        blocks = w.k // w.block_size
+        rows = self.op("Cast", [self.op("Gather", [table.packed, ids], axis=0)], to=TensorProto.FLOAT)  # [1, S, blocks, b]
+        if w.bits == 4:
+            high = self.op("Floor", [self.op("Mul", [rows, self.scalar(1 / 16, np.float32)])])
+            low = self.op("Sub", [rows, self.op("Mul", [high, self.scalar(16.0, np.float32)])])
+            pairs = self.op("Concat", [self.op("Unsqueeze", [low, self.ints([-1])]),
+                                       self.op("Unsqueeze", [high, self.ints([-1])])], axis=-1)  # [1, S, blocks, B/2, 2]
+            rows = self.op("Reshape", [pairs, self.ints([0, 0, blocks, w.block_size])])  # element 2i = low nibble of i
+        if w.zero_points is None:
+            rows = self.op("Sub", [rows, self.scalar(float(w.default_zero), np.float32)])
+        elif w.zero_points.any():  # block_weight only makes zero points 0 (a minimum's types); anything else: a bug
+            raise ValueError(f"{table.packed}: nonzero explicit zero points are not supported in an embedding table")
+        scales = self.op("Reshape", [table.scales, self.ints([w.n, blocks, 1])])  # [V, blocks, 1]
+        values = self.op("Mul", [rows, self.op("Gather", [scales, ids], axis=0)])  # [1, S, blocks, B]
+        if table.correction is not None:
+            values = self.op("Reshape", [values, self.ints([0, 0, w.k // CORRECTION_BLOCK, CORRECTION_BLOCK])])
+            corr = self.op("Gather", [table.correction, ids], axis=1)  # [K/32, 1, S]
+            corr = self.op("Unsqueeze", [self.op("Transpose", [corr], perm=[1, 2, 0]), self.ints([-1])])  # [1, S, K/32, 1]
+            values = self.op("Add", [values, corr])
+        return self.op("Reshape", [values, self.ints([1, -1, w.k])], prefix="embed")  # [1, S, K]
+
     def ints(self, values: list[int]) -> str:
         return self.const(np.array(values, dtype=np.int64), "shape")
 
@@ -172,7 +224,20 @@ class QuantizedWeight:
     k: int
 
 
+@dataclass(frozen=True)
+class StoredBlocks:
+    """A GGUF block weight (gguf_blocks.BlockWeight) and the initializer names it was stored under."""
+
+    weight: BlockWeight
+    packed: str
+    scales: str  # fp32 [N * K/B]
+    zeros: str | None
+    correction: str | None  # fp32 [K/32, N]
+
+
 WeightFn = Callable[[str], np.ndarray]  # HF state-dict name -> fp32 numpy array
+BlockFn = Callable[[str], "BlockWeight | None"]  # HF state-dict name -> the GGUF tensor's blocks in transformers'
+# row order, or None where the file stores it as a float (F32/F16/BF16) tensor (compiler/loading.GgufBlocks)
 
 
 @dataclass(frozen=True)
@@ -183,7 +248,8 @@ class GraphSpec:
     max_context: int
     logits_vocab: int  # rows of the embedding / lm_head kept (the tokenizer's size)
     quantize: str = "none"  # none | int8 | int4: weight-only, onnxruntime MatMulNBits (CPU path); the lm_head
-    # is int8 at accuracy level 4 and stays fp32 at level 0 (onnxruntime's fp32-compute int8 kernel is very slow)
+    # is int8 at accuracy level 4 and stays fp32 at level 0 (onnxruntime's fp32-compute int8 kernel is very slow).
+    # gguf: the source file's own blocks for every linear layer, the output layer and the embeddings (fp32 only)
     block_size: int = 32  # quantization block along the input dimension
     accuracy_level: int = 0  # MatMulNBits compute: 0 = in the activation type, 4 = int8 activations (fast on CPU)
     logits_rows: int | None = None  # logits for the last R positions of a call only (None: every position)
@@ -298,12 +364,12 @@ def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
 
 
 def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str,
-               cos: str, sin: str, mask: str, spec: GraphSpec) -> tuple[str, str, str]:
+               cos: str, sin: str, mask: str, spec: GraphSpec, blocks: BlockFn | None) -> tuple[str, str, str]:
     """Grouped-query attention over past + new tokens. Returns (attn_out, new_key, new_value)."""
     prefix = f"model.layers.{layer}.self_attn"
     heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    qkv_weight = np.concatenate([weights(f"{prefix}.{p}_proj.weight") for p in "qkv"], axis=0)  # [(h+2kv)*D, H]
-    qkv = gb.linear(h, f"layers.{layer}.attn.qkv.weight", qkv_weight, spec)
+    qkv = _project(gb, h, f"layers.{layer}.attn.qkv.weight", [f"{prefix}.{p}_proj.weight" for p in "qkv"], weights,
+                   spec, blocks)  # [1, S, (h+2kv)*D]
     if arch.attention_bias:
         qkv_bias = np.concatenate([weights(f"{prefix}.{p}_proj.bias") for p in "qkv"])
         qkv = gb.op("Add", [qkv, gb.weight(f"layers.{layer}.attn.qkv.bias", qkv_bias)])
@@ -338,17 +404,79 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
         context = gb.op("Slice", [context, gb.ints([0]), gb.ints([-1]), gb.ints([2])])  # [kv, g, S, D]
     context = gb.op("Transpose", [context], perm=[2, 0, 1, 3])  # [S, kv, g, D]
     context = gb.op("Reshape", [context, gb.ints([1, -1, heads * head_dim])])  # [1, S, h*D]
-    out = gb.linear(context, f"layers.{layer}.attn.o.weight", weights(f"{prefix}.o_proj.weight"), spec)  # [1, S, H]
+    out = _project(gb, context, f"layers.{layer}.attn.o.weight", [f"{prefix}.o_proj.weight"], weights, spec,
+                   blocks)  # [1, S, H]
     return out, new_key, new_value
 
 
-def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str, spec: GraphSpec) -> str:
+def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str, spec: GraphSpec,
+         blocks: BlockFn | None) -> str:
     prefix = f"model.layers.{layer}.mlp"
-    gate_up_weight = np.concatenate([weights(f"{prefix}.gate_proj.weight"), weights(f"{prefix}.up_proj.weight")], axis=0)
-    gate_up = gb.linear(h, f"layers.{layer}.mlp.gate_up.weight", gate_up_weight, spec)  # [1, S, 2I]
+    gate_up = _project(gb, h, f"layers.{layer}.mlp.gate_up.weight",
+                       [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"], weights, spec, blocks)  # [1, S, 2I]
     gate, up = gb.op("Split", [gate_up, gb.ints([arch.intermediate_size] * 2)], n_out=2, axis=-1)
     activated = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])  # silu(gate) * up
-    return gb.linear(activated, f"layers.{layer}.mlp.down.weight", weights(f"{prefix}.down_proj.weight"), spec)
+    return _project(gb, activated, f"layers.{layer}.mlp.down.weight", [f"{prefix}.down_proj.weight"], weights, spec,
+                    blocks)
+
+
+def _project(gb: GraphBuilder, x: str, name: str, hf_names: list[str], weights: WeightFn, spec: GraphSpec,
+             blocks: BlockFn | None) -> str:
+    """x [1, S, K] @ [W_1; W_2; ..]^T: the weights `hf_names` stacked along their rows (q, k, v -> one output).
+
+    quantize=gguf: each weight as its file stores it; consecutive weights of one form (gguf_blocks.form) share a
+    MatMulNBits node, float ones a MatMul, and the outputs of several nodes are concatenated (Q4_K_M files store
+    attn_v and ffn_down partly as Q6_K beside Q4_K attn_q/attn_k: 8-bit blocks of 16 cannot share their node)."""
+    if spec.quantize != "gguf":
+        weight = weights(hf_names[0]) if len(hf_names) == 1 else np.concatenate([weights(n) for n in hf_names], axis=0)
+        return gb.linear(x, name, weight, spec)
+    assert blocks is not None
+    groups: list[tuple[object, list[tuple[str, BlockWeight | None]]]] = []  # (form or "float", members)
+    for hf_name in hf_names:
+        held = blocks(hf_name)
+        key = "float" if held is None else form(held)
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append((hf_name, held))
+        else:
+            groups.append((key, [(hf_name, held)]))
+    outputs = []
+    for index, (key, members) in enumerate(groups):
+        part = name if len(groups) == 1 else f"{name}.{index}"
+        if key == "float":
+            weight = np.concatenate([weights(n) for n, _ in members], axis=0)  # [N, K]
+            outputs.append(gb.op("MatMul", [x, gb.weight(part, np.ascontiguousarray(weight.T))]))
+        else:
+            stored = gb.store_blocks(part, concat_rows([held for _, held in members]))
+            outputs.append(gb.block_linear(x, stored, spec.accuracy_level, rank=3))
+    return outputs[0] if len(outputs) == 1 else gb.op("Concat", outputs, axis=-1)
+
+
+def _gguf_embedding_and_head(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, blocks: BlockFn, vocab: int,
+                             subset: np.ndarray | None) -> tuple[str, StoredBlocks | str]:
+    """quantize=gguf: token embeddings [1, S, H] read from the file's token_embd rows as stored, and the output
+    layer (the file's output tensor, or token_embd when the model ties them) as blocks, or a float table where
+    the file stores it as a float. One table serves both when they are tied and the output covers every id."""
+    def first_rows(weight: BlockWeight) -> BlockWeight:
+        return weight if weight.n == vocab else take_rows(weight, slice(0, vocab))
+
+    tied = arch.tie_word_embeddings
+    embed_blocks = blocks("model.embed_tokens.weight")
+    head_hf = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    head_blocks = embed_blocks if tied else blocks(head_hf)
+    shared = tied and subset is None
+    if embed_blocks is None:
+        embed_table = gb.weight("embed_tokens.weight", weights("model.embed_tokens.weight")[:vocab])
+        hidden = gb.op("Gather", [embed_table, "input_ids"], axis=0, prefix="embed")  # [1, S, H]
+    else:
+        embed_table = gb.store_blocks("embed_tokens.weight", first_rows(embed_blocks))
+        hidden = gb.embedding_from_blocks(embed_table, "input_ids")  # [1, S, H]
+    if shared:
+        return hidden, embed_table
+    if head_blocks is None:
+        head_weight = weights(head_hf)[:vocab]
+        return hidden, gb.weight("lm_head.weight", head_weight if subset is None else head_weight[subset])
+    return hidden, gb.store_blocks("lm_head.weight", first_rows(head_blocks) if subset is None
+                                   else take_rows(head_blocks, subset))
 
 
 def _scatter_to_vocab(gb: GraphBuilder, logits: str, ids: np.ndarray, vocab: int) -> str:
@@ -410,12 +538,16 @@ def add_features_output(onnx_path: Path, hidden_size: int) -> bool:
 
 
 def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray, rope_sin: np.ndarray,
-                       spec: GraphSpec, onnx_path: Path) -> Path:
+                       spec: GraphSpec, onnx_path: Path, blocks: BlockFn | None = None) -> Path:
     """Write `onnx_path` (+ `onnx_path`.data) for the model; returns the graph path.
 
     rope_cos / rope_sin: [max_context, head_dim] tables (scaling already applied), as transformers
-    computes them for positions 0..max_context-1.
+    computes them for positions 0..max_context-1. `blocks`: the source file's block weights (quantize=gguf only).
     """
+    if (spec.quantize == "gguf") != (blocks is not None):
+        raise ValueError("quantize=gguf and a GGUF file's blocks go together")
+    if spec.quantize == "gguf" and spec.precision != "fp32":
+        raise ValueError("quantize=gguf graphs compute in fp32 (the blocks' scales are fp32)")
     np_dtype, onnx_dtype = DTYPES[spec.precision]
     onnx_path = Path(onnx_path)
     data_path = onnx_path.with_name(onnx_path.name + ".data")
@@ -423,17 +555,21 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
     try:
         gb = GraphBuilder(writer, np_dtype, onnx_dtype)
         vocab = spec.logits_vocab
-        embed = weights("model.embed_tokens.weight")[:vocab]  # [V, H]
-        lm_head_weight = embed if arch.tie_word_embeddings else weights("lm_head.weight")[:vocab]  # [V, H]
+        gguf = spec.quantize == "gguf"
+        embed = None if gguf else weights("model.embed_tokens.weight")[:vocab]  # [V, H]
+        lm_head_weight = None if gguf else embed if arch.tie_word_embeddings else weights("lm_head.weight")[:vocab]
         # A quantized graph computing with int8 activations also keeps its output layer in int8 (the most
         # sensitive layer stays 8-bit in the int4 scheme) and reads token embeddings from int8 blocks too: from
         # the output layer's own table when the model ties them, so the vocabulary is stored once.
         quantize_head = spec.quantized and spec.accuracy_level != 0
         head_spec = replace(spec, quantize="int8")
         subset = None if spec.output_ids is None else np.asarray(spec.output_ids, dtype=np.int64)  # [Vo]
-        head_weight = lm_head_weight if subset is None else lm_head_weight[subset]  # [V or Vo, H]
+        head_weight = lm_head_weight if subset is None or gguf else lm_head_weight[subset]  # [V or Vo, H]
         shared = arch.tie_word_embeddings and subset is None  # one table serves the embeddings and the output layer
-        if quantize_head:
+        if spec.quantize == "gguf":
+            quantize_head = False
+            hidden, gguf_head = _gguf_embedding_and_head(gb, arch, weights, blocks, vocab, subset)
+        elif quantize_head:
             head_table = gb.quantized_weight("lm_head.weight", head_weight, head_spec)
             embed_table = head_table if shared else gb.quantized_weight("embed_tokens.weight", embed, head_spec)
             hidden = gb.embedding_from_int8(embed_table, "input_ids", spec.block_size)  # [1, S, H]
@@ -455,11 +591,11 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
             prefix = f"model.layers.{layer}"
             ln1 = gb.weight(f"layers.{layer}.input_norm.weight", weights(f"{prefix}.input_layernorm.weight"))
             attn_out, new_key, new_value = _attention(gb, arch, weights, layer, _rms_norm(gb, hidden, ln1, arch.rms_norm_eps),
-                                                      cos, sin, mask, spec)
+                                                      cos, sin, mask, spec, blocks)
             hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
             ln2 = gb.weight(f"layers.{layer}.post_attn_norm.weight", weights(f"{prefix}.post_attention_layernorm.weight"))
             hidden = gb.op("Add", [hidden, _mlp(gb, arch, weights, layer, _rms_norm(gb, hidden, ln2, arch.rms_norm_eps),
-                                                spec)],
+                                                spec, blocks)],
                            prefix="residual")
             gb.nodes.append(helper.make_node("Identity", [new_key], [f"new_key_{layer}"]))
             gb.nodes.append(helper.make_node("Identity", [new_value], [f"new_value_{layer}"]))
@@ -472,7 +608,11 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
         hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
         if spec.logits_rows is not None:  # Slice clamps the start: min(S, R) rows
             hidden_2d = gb.op("Slice", [hidden_2d, gb.ints([-spec.logits_rows]), gb.ints([2 ** 62]), gb.ints([0])])
-        if quantize_head:
+        if gguf and isinstance(gguf_head, StoredBlocks):
+            logits = gb.block_linear(hidden_2d, gguf_head, spec.accuracy_level, rank=2)  # [R, V|Vo]
+        elif gguf:
+            logits = gb.op("Gemm", [hidden_2d, gguf_head], transB=1)  # [R, V|Vo]
+        elif quantize_head:
             logits = gb.linear(hidden_2d, "lm_head.weight", head_weight, head_spec, quantized=head_table)  # [R, V|Vo]
         else:
             logits = gb.op("Gemm", [hidden_2d, head_name], transB=1)  # [R, V|Vo]

@@ -32,8 +32,11 @@ class Thresholds:
 # the source's blocks onto integer-zero-point grids and computes with int8 activations: a few logits
 # move by several units (SmolLM2-135M Q4_1: max 14.4, 81% top-1 agreement), so its gate is mainly the
 # agreement floor, which a broken export (near 0%) cannot pass.
+# gguf holds the file's own weights exactly (the reference loads the same values), so only the int8 activations
+# move logits: it gets the int4 recipe's limits at the same accuracy level 4, and measures well inside them
+# (SmolLM2-135M Q4_1: see tests/test_gguf_import.py).
 THRESHOLDS = {"fp32": Thresholds(1e-2, 0.99), "fp16": Thresholds(1.0, 0.90),
-              "int8": Thresholds(4.0, 0.85), "int4": Thresholds(24.0, 0.65)}
+              "int8": Thresholds(4.0, 0.85), "int4": Thresholds(24.0, 0.65), "gguf": Thresholds(24.0, 0.65)}
 
 
 def thresholds_for(precision: str, quantize: str = "none") -> Thresholds:
@@ -127,6 +130,13 @@ def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context:
 
 
 def require_passed(report: ValidationReport, role: str) -> None:
+    if not report.passed and report.precision.endswith("+gguf"):
+        raise ExportError(
+            f"the {report.precision} {role} graph drifts too far from the fp32 reference on the same GGUF weights: "
+            f"{report.summary()} (limits: max|Δ| <= {report.thresholds['max_abs_logit_diff']}, agreement >= "
+            f"{report.thresholds['min_argmax_agreement']}). Its weights are the file's own, so only the int8 "
+            f"activations differ: a spectrt bug for this model; please report it (--quantize none builds fp32)."
+        )
     if not report.passed and "+" in report.precision:
         raise ExportError(
             f"the {report.precision} {role} graph drifts too far from the fp32 reference: {report.summary()} "
