@@ -54,10 +54,10 @@ def _build_options(func):
         click.option("--backend", type=click.Choice(["onnx", "tensorrt", "all"]),
                      help="onnx: ONNX graphs only (run with onnxruntime); tensorrt/all: also compile TensorRT "
                           "engines [default: onnx]."),
-        click.option("--quantize", type=click.Choice(["none", "int8", "int4"]),
+        click.option("--quantize", type=click.Choice(["none", "int8", "int4", "gguf"]),
                      help="Weight-only quantized ONNX for the ONNX Runtime CPU path (onnxruntime MatMulNBits; "
-                          "not for TensorRT) [default: none]."),
-        click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4"]),
+                          "not for TensorRT); gguf: a .gguf source's own blocks, held as stored [default: none]."),
+        click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4", "gguf"]),
                      help="The draft's weight quantization if different from --quantize (a cheaper draft only "
                           "changes acceptance, never the output) [default: same as --quantize]."),
         click.option("--draft-vocab", type=int,
@@ -558,6 +558,41 @@ def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new
     click.echo("written: " + ", ".join(str(p) for p in paths.values()), err=True)
 
 
+@main.command("eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, default=("prose", "code"), show_default=True,
+              help="Shipped text (prose, code) or a UTF-8 file to score on (repeatable).")
+@click.option("--tokens", type=int, default=4096, show_default=True, help="First N tokens of each text.")
+@click.option("--reference", type=click.Choice(["auto", "transformers", "none"]), default="auto", show_default=True,
+              help="The source weights in fp32 with transformers (cached per source, text and windows). auto: the "
+                   "cache, else transformers when installed, else skipped; none: perplexity only.")
+@click.option("--llamacpp/--no-llamacpp", default=True, show_default=True,
+              help="Also llama.cpp on the same GGUF (when llama_cpp is installed and the source is a GGUF).")
+@click.option("--source", help="The GGUF file / Hugging Face folder the target was built from [default: found from "
+                               "the manifest's record, or a known model]; checked by sha256.")
+@click.option("--window", type=int, default=0, help="Positions per window [default: the max context less headroom, "
+                                                    "at most 2048]; the stride is half of it.")
+@click.option("--top-k", type=int, default=256, show_default=True,
+              help="Reference log-probs kept per position; KL is exact over them, the rest is one bucket.")
+@click.option("--threads", type=int, default=0, help="Threads of every engine (0 = their default; llama.cpp: all).")
+@click.option("--out", default=None, help="Write every number (and machine facts) to this JSON file.")
+def eval_command(bundle: Path, texts: tuple[str, ...], tokens: int, reference: str, llamacpp: bool,
+                 source: str | None, window: int, top_k: int, threads: int, out: str | None) -> None:
+    """Model quality against the source weights: perplexity, KL(reference || engine), top-1 agreement.
+
+    Scores the bundle's target (through the runtime, as it decodes) and llama.cpp on the same GGUF against the
+    source model in fp32 (transformers), teacher-forced over held-out texts. See docs/quality.md.
+    """
+    from spectrt.quality.evaluate import EvalConfig, evaluate, format_table
+
+    config = EvalConfig(bundle=str(bundle), texts=tuple(texts), tokens=tokens, reference=reference, llamacpp=llamacpp,
+                        source=source, window=window, top_k=top_k, threads=threads, out=out)
+    results = evaluate(config, say=lambda m: click.echo(m, err=True))
+    click.echo(format_table(results))
+    if out:
+        click.echo(f"written: {out}", err=True)
+
+
 @main.command("bench-serve")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--clients", type=int, default=4, show_default=True, help="Concurrent clients (concurrency part).")
@@ -663,8 +698,9 @@ PLAN_BACKENDS, PLAN_DEVICES = _plan_choices()
 @click.option("--widths", help="Recipe mode: speculation widths, e.g. 2,4,8 [default: 2,4,8].")
 @click.option("--max-context", type=int, help="Recipe mode: max context of the bundle [default: 2048].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Recipe mode [default: fp32].")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), help="Recipe mode [default: none].")
-@click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4"]), help="Recipe mode [default: --quantize].")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4", "gguf"]), help="Recipe mode [default: none].")
+@click.option("--draft-quantize", type=click.Choice(["none", "int8", "int4", "gguf"]),
+              help="Recipe mode [default: --quantize].")
 @click.option("--draft-vocab", type=int, help="Recipe mode: the draft's output layer covers N ids [default: 0 = all].")
 @click.option("--context", type=int, help="Tokens (prompt + output) to plan for [default: the max context]. ONNX "
                                           "Runtime on CPU holds only the KV rows written; GPU arenas are always "
