@@ -19,9 +19,9 @@ import numpy as np
 
 from .errors import QualityError
 from .reference import Source, reference_scores, resolve_source
-from .scoring import (DEFAULT_TOP_K, EngineAccumulator, PositionScores, Window, WindowScheme, default_scheme,
-                      make_windows, scored_true_ids)
-from .texts import EvalText, load_text
+from .scoring import (DEFAULT_TOP_K, EngineAccumulator, PositionScores, Window, default_scheme, make_windows,
+                      scored_true_ids)
+from .texts import load_text
 
 REFERENCE_MODES = ("auto", "transformers", "none")
 DEFAULT_TOKENS = 4096
@@ -142,7 +142,7 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
             engines["reference"] = {**PositionScores(ref_true, None, None, reference.seconds).metrics(None),
                                     "kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement_pct": 100.0,
                                     "tail_mass_mean": float(np.exp(reference.scores.tail_logp).mean()),
-                                    "cached": reference.cached, "cache": str(reference.path),
+                                    "cached": reference.cached, "cache": reference.path.name,  # names, never machine paths
                                     "facts": reference.meta}
         say(f"{text.name}: spectrt target over {len(windows)} windows, {len(true_ids)} positions")
         scores = _score(lambda w: spectrt_rows(generator.target, w), windows,
@@ -163,7 +163,7 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
 
         say(f"llama.cpp: loading {source.path}")
         llm = load_llama(str(source.path), scheme.window, config.threads)
-        llm_facts = facts(llm, str(source.path), config.threads)
+        llm_facts = facts(llm, source.path.name, config.threads)
         for text, ids, windows, true_ids, _ in prepared:
             reference = references[text.name]
             say(f"{text.name}: llama.cpp over {len(windows)} windows")
@@ -180,7 +180,8 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
     out = {
         "bundle": str(config.bundle),
         "bundle_name": manifest.name,
-        "config": asdict(config) | {"texts": list(config.texts)},
+        "config": asdict(config) | {"texts": list(config.texts),
+                                     "out": Path(config.out).name if config.out else None},
         "target": {"precision": manifest.target.precision, "quantization": manifest.target.raw.get("quantization"),
                    "max_context": manifest.target.max_context},
         "source": source.to_json() if source is not None else None,

@@ -40,7 +40,7 @@ class Source:
         return self.path.is_file() and self.path.suffix == ".gguf"
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "name": self.name, "sha256": self.sha256, "files": self.files,
+        return {"file": self.path.name, "name": self.name, "sha256": self.sha256, "files": self.files,
                 "format": "gguf" if self.is_gguf else "hf-folder"}
 
 
