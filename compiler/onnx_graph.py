@@ -364,7 +364,7 @@ def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
 
 
 def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str,
-               cos: str, sin: str, mask: str, spec: GraphSpec, blocks: BlockFn | None) -> tuple[str, str, str]:
+               cos: str, sin: str, mask: str, spec: GraphSpec, blocks: BlockFn | None = None) -> tuple[str, str, str]:
     """Grouped-query attention over past + new tokens. Returns (attn_out, new_key, new_value)."""
     prefix = f"model.layers.{layer}.self_attn"
     heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -410,7 +410,7 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
 
 
 def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str, spec: GraphSpec,
-         blocks: BlockFn | None) -> str:
+         blocks: BlockFn | None = None) -> str:
     prefix = f"model.layers.{layer}.mlp"
     gate_up = _project(gb, h, f"layers.{layer}.mlp.gate_up.weight",
                        [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"], weights, spec, blocks)  # [1, S, 2I]
