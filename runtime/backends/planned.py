@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
@@ -46,6 +46,11 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Free the arena and everything else the executor holds; idempotent. Sets `closed`."""
+
+
+def arena_releases(cuda: Any, base: int, pinned: Iterable[int]) -> list[tuple[Any, int]]:
+    """(free function, handle) pairs for an executor's device arena (0: none) and its pinned host buffers."""
+    return ([(cuda.free, base)] if base else []) + [(cuda.free_host, host) for host in pinned]
 
 
 def release_all(releases: list[tuple[Any, int]]) -> None:
@@ -253,8 +258,7 @@ class CudaOrtExecutor(HostOrtExecutor):
                 self.cuda.synchronize()  # nothing may still read or write the arena
         finally:
             self.sessions = {}
-            releases = [(self.cuda.free, self.base)] if self.base else []
-            releases += [(self.cuda.free_host, host) for host in self._host.values()]
+            releases = arena_releases(self.cuda, self.base, self._host.values())
             self.base, self._host = 0, {}
             release_all(releases)
 

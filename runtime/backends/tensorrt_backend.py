@@ -34,7 +34,7 @@ import numpy as np
 from spectrt.runtime.errors import BackendUnavailableError, BundleError, GenerationError
 
 from .device_plan import ALIGNMENT, CallPlan, DevicePlan, ModelLayout, plan_memory
-from .planned import PlannedDecoder, decoders_on, geometry, profiles_from_manifest, release_all
+from .planned import PlannedDecoder, arena_releases, decoders_on, geometry, profiles_from_manifest, release_all
 from .tensorrt_logger import collecting_logger
 
 MODULES = ("tensorrt", "tensorrt_rtx")
@@ -163,8 +163,7 @@ class TensorRTExecutor:
         finally:
             # TensorRT's Python objects free their native side when their last reference goes
             self._contexts, self._bound = {}, {}
-            releases = [(self.cuda.free, self.base)] if self.base else []
-            releases += [(self.cuda.free_host, host) for host in self._host.values()]
+            releases = arena_releases(self.cuda, self.base, self._host.values())
             releases += [(self.cuda.stream_destroy, self.stream)] if self.stream else []
             self.base, self._host, self.stream = 0, {}, 0
             self.engines = {}
