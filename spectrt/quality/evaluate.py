@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import QualityError
-from .reference import Source, reference_scores, resolve_source
+from .reference import ReferenceModel, Source, reference_scores, resolve_source
 from .scoring import (DEFAULT_TOP_K, EngineAccumulator, PositionScores, Window, default_scheme, make_windows,
                       scored_true_ids)
 from .texts import load_text
@@ -129,13 +129,19 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
         windows = make_windows(ids, scheme)
         prepared.append((text, ids, windows, scored_true_ids(ids, windows), available))
 
-    results: dict[str, Any] = {}
+    # every text's reference first, with the fp32 model loaded once, then freed before the engines run
     references = {}
+    reference_model = ReferenceModel(source, config.threads) if source is not None else None
+    for text, ids, windows, true_ids, _ in prepared:
+        references[text.name] = (reference_scores(reference_model, text.sha256, ids, windows, true_ids, scheme,
+                                                  mode=config.reference, say=lambda m, n=text.name: say(f"{n}: {m}"))
+                                 if reference_model is not None else None)
+    if reference_model is not None:
+        reference_model.release()
+
+    results: dict[str, Any] = {}
     for text, ids, windows, true_ids, available in prepared:
-        reference = (reference_scores(source, text.sha256, ids, windows, true_ids, scheme, mode=config.reference,
-                                      threads=config.threads, say=lambda m, n=text.name: say(f"{n}: {m}"))
-                     if source is not None else None)
-        references[text.name] = reference
+        reference = references[text.name]
         ref_true = reference.scores.true_logp if reference is not None else None
         engines: dict[str, Any] = {}
         if reference is not None:

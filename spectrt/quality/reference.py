@@ -186,14 +186,35 @@ def transformers_rows(model: Any, window: Window) -> Iterator[np.ndarray]:
             yield logits[start:start + REF_ROW_CHUNK].numpy()
 
 
-def compute_reference(source: Source, windows: list[Window], true_ids: np.ndarray, scheme: WindowScheme, *,
-                      threads: int = 0, say: Callable[[str], None] = lambda m: None) -> tuple[TopK, float, dict]:
+class ReferenceModel:
+    """The source in fp32, loaded on first use and kept for every text of one evaluation (a 1.5B GGUF takes about a
+    minute to dequantize and load); `release()` frees it."""
+
+    def __init__(self, source: Source, threads: int = 0):
+        self.source, self.threads = source, threads
+        self.model: Any = None
+        self.load_seconds = 0.0
+
+    def get(self, say: Callable[[str], None]) -> Any:
+        if self.model is None:
+            start = time.perf_counter()
+            say(f"reference: loading {self.source.name} in fp32 with transformers")
+            self.model = load_reference_model(self.source, self.threads)
+            self.load_seconds = time.perf_counter() - start
+        return self.model
+
+    def release(self) -> None:
+        self.model = None
+        gc.collect()
+
+
+def compute_reference(reference: ReferenceModel, windows: list[Window], true_ids: np.ndarray, scheme: WindowScheme,
+                      *, say: Callable[[str], None] = lambda m: None) -> tuple[TopK, float, dict]:
     import torch
     import transformers
 
-    start = time.perf_counter()
-    say(f"reference: loading {source.name} in fp32 with transformers")
-    model = load_reference_model(source, threads)
+    model = reference.get(say)
+    source = reference.source
     loaded = time.perf_counter()
     parts, done = [], 0
     for window in windows:
@@ -202,23 +223,21 @@ def compute_reference(source: Source, windows: list[Window], true_ids: np.ndarra
             parts.append(top_k_summary(log_softmax(logits), true_ids[done:done + rows], scheme.top_k))
             done += rows
     assert done == len(true_ids), f"reference scored {done} of {len(true_ids)} positions"
-    del model
-    gc.collect()
     meta = {"tool": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
             "precision": "fp32" + (" (GGUF dequantized)" if source.is_gguf else ""), "source": source.to_json(),
-            "load_seconds": round(loaded - start, 3), "seconds": round(time.perf_counter() - loaded, 3),
+            "load_seconds": round(reference.load_seconds, 3), "seconds": round(time.perf_counter() - loaded, 3),
             "threads": torch.get_num_threads()}
     return TopK.concat(parts), time.perf_counter() - loaded, meta
 
 
-def reference_scores(source: Source, text_sha256: str, ids: np.ndarray, windows: list[Window], true_ids: np.ndarray,
-                     scheme: WindowScheme, *, mode: str = "auto", threads: int = 0,
+def reference_scores(reference: ReferenceModel, text_sha256: str, ids: np.ndarray, windows: list[Window],
+                     true_ids: np.ndarray, scheme: WindowScheme, *, mode: str = "auto",
                      say: Callable[[str], None] = lambda m: None) -> Reference | None:
     """The cached reference, else computed (mode auto/transformers) and cached; None when mode is 'none', or 'auto'
     without torch/transformers and nothing cached (said with `say`)."""
     if mode == "none":
         return None
-    path = cache_path(source, text_sha256, ids, scheme)
+    path = cache_path(reference.source, text_sha256, ids, scheme)
     cached = load_cached(path, len(true_ids))
     if cached is not None:
         say(f"reference: cached ({path})")
@@ -228,7 +247,7 @@ def reference_scores(source: Source, text_sha256: str, ids: np.ndarray, windows:
             raise QualityError("--reference transformers needs torch and transformers: pip install 'spectrt[build]'.")
         say("reference: skipped (torch/transformers not installed and nothing cached; pip install 'spectrt[build]')")
         return None
-    scores, seconds, meta = compute_reference(source, windows, true_ids, scheme, threads=threads, say=say)
+    scores, seconds, meta = compute_reference(reference, windows, true_ids, scheme, say=say)
     save(path, scores, meta)
     say(f"reference: {len(true_ids)} positions in {seconds:.1f} s, cached ({path})")
     return Reference(scores, seconds, False, path, meta)
