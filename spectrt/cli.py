@@ -533,9 +533,20 @@ def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
               help="Let runs reuse the KV rows of the previous run's prompt (off: every run prefills cold, so TTFT "
                    "compares like with like).")
 @INVARIANCE_OPTION
+@click.option("--quality/--no-quality", default=False, show_default=True,
+              help="Also measure the target's quality against its source in fp32 (as `spectrt eval`): on the held-out "
+                   "texts and on each workload's prompts + plain outputs; llama.cpp beside it with the llama.cpp peer.")
+@click.option("--quality-text", "quality_texts", default="prose,code", show_default=True,
+              help="Comma-separated held-out texts for --quality (prose, code or paths; empty: workloads only).")
+@click.option("--quality-tokens", type=int, default=4096, show_default=True,
+              help="First N tokens of each held-out text for --quality.")
+@click.option("--quality-source", default=None,
+              help="The GGUF file / Hugging Face folder the target was built from, for --quality [default: found "
+                   "from the bundle's record].")
 def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new_tokens: int, repeats: int,
                   warmup: int, prompts: int | None, threads: int, peer: str, peer_target: str | None,
-                  peer_draft: str | None, out: str | None, reuse_prefix: bool, invariance: str) -> None:
+                  peer_draft: str | None, out: str | None, reuse_prefix: bool, invariance: str, quality: bool,
+                  quality_texts: str, quality_tokens: int, quality_source: str | None) -> None:
     """Measure speculative decoding against plain decoding of the same target, in the same run.
 
     Writes results.json (every number, machine and versions), results.md (tables) and PNG plots.
@@ -551,7 +562,9 @@ def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new
                          widths=tuple(w if w == "auto" else int(w) for w in widths.split(",") if w),
                          max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, prompts=prompts,
                          threads=threads, out=out, peer=peer, peer_target=peer_target, peer_draft=peer_draft,
-                         reuse_prefix=reuse_prefix, invariance=invariance)
+                         reuse_prefix=reuse_prefix, invariance=invariance, quality=quality,
+                         quality_texts=tuple(t for t in quality_texts.split(",") if t), quality_tokens=quality_tokens,
+                         quality_source=quality_source)
     results = run_benchmark(config, say=lambda m: click.echo(m, err=True))
     paths = write_report(results, Path(out))
     click.echo(paths["markdown"].read_text())
@@ -625,14 +638,20 @@ def bench_serve_command(bundle: Path, clients: int, requests_per_client: int, co
 
 @main.command("demo")
 @click.option("--small", is_flag=True, help="SmolLM2-135M (fp32 target, int4 copy as draft): a one-minute look.")
+@click.option("--int4", is_flag=True,
+              help="The Qwen pair re-quantized to int4 (recipe qwen2.5-coder-cpu.toml): faster plain decoding, but "
+                   "further from the GGUF files' model than llama.cpp [default: the files' own blocks, "
+                   "qwen2.5-coder-cpu-gguf.toml].")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--prompt", default=None, help="Prompt to complete [default: a Python function to write].")
-def demo_command(small: bool, max_new_tokens: int, prompt: str | None) -> None:
+def demo_command(small: bool, int4: bool, max_new_tokens: int, prompt: str | None) -> None:
     """The main job: fetch the default pair, build its bundle if needed, generate with and without speculation."""
     from spectrt.demo import run_demo
 
-    run_demo(small=small, max_new_tokens=max_new_tokens, prompt=prompt, say=lambda m: click.echo(m, err=True),
-             show=click.echo)
+    if small and int4:
+        raise click.UsageError("--small and --int4 name different pairs; pass one of them.")
+    run_demo(variant="small" if small else "int4" if int4 else "gguf", max_new_tokens=max_new_tokens, prompt=prompt,
+             say=lambda m: click.echo(m, err=True), show=click.echo)
 
 
 @main.command("serve")

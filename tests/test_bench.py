@@ -31,11 +31,16 @@ def test_shipped_workloads_have_enough_prompts():
         assert all((p.prompt is None) != (p.messages is None) for p in prompts)
 
 
-def test_benchmark_results_structure_and_plots(tiny_bundle, tiny_llama_pair, workload_file, tmp_path):
+def test_benchmark_results_structure_and_plots(tiny_bundle, tiny_llama_pair, workload_file, tmp_path, monkeypatch):
+    from spectrt.quality import reference as reference_module
+
+    monkeypatch.setattr(reference_module, "cache_dir", lambda: tmp_path / "quality-cache")
     config = BenchConfig(bundle=str(tiny_bundle), workloads=(str(workload_file),), drafts=("model", "ngram"),
                          widths=("auto", 2), max_new_tokens=8, repeats=2, warmup=1, threads=1,
                          out=str(tmp_path / "out"), peer="transformers",
-                         peer_target=str(tiny_llama_pair[0]), peer_draft=str(tiny_llama_pair[1]))
+                         peer_target=str(tiny_llama_pair[0]), peer_draft=str(tiny_llama_pair[1]),
+                         quality=True, quality_texts=("prose",), quality_tokens=96,
+                         quality_source=str(tiny_llama_pair[0]))
     results = run_benchmark(config, say=lambda m: None)
     paths = write_report(results, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
@@ -68,6 +73,32 @@ def test_benchmark_results_structure_and_plots(tiny_bundle, tiny_llama_pair, wor
     assert costs["target_step_seconds"] > 0 and costs["draft_cost_vs_target_step"] > 0
     assert summaries[1]["costs"]["verify_cost_vs_target_step"] > 0  # model@auto too
     assert "draft / target step" in table and "| model@auto |" in table.split("draft / target step")[1]
+    # --quality: the fp32 target against its source on the held-out text and on the workload's prompts + outputs
+    quality = data["quality"]
+    assert quality["texts"]["prose"]["engines"]["spectrt"]["kl_mean"] < 1e-6
+    workload = quality["workloads"][str(workload_file)]
+    prompt_tokens = workload["prompt_tokens"]
+    output_tokens = sum(r["tokens"] for r in data["workloads"][str(workload_file)]["per_prompt"]["plain"].values())
+    assert workload["sequences"] == 2 and workload["output_tokens"] == output_tokens
+    segments = workload["segments"]
+    # every token but each sequence's first is predicted once: prompt rows and output rows
+    assert segments["prompt"]["spectrt"]["positions"] == prompt_tokens - 2
+    assert segments["output"]["spectrt"]["positions"] == output_tokens
+    assert workload["engines"]["spectrt"]["positions"] == prompt_tokens - 2 + output_tokens
+    for segment in segments.values():
+        assert segment["spectrt"]["kl_mean"] < 1e-6 and segment["spectrt"]["top1_agreement_pct"] == 100.0
+    # greedy output: the reference (same weights, fp32) ranks every output token first
+    assert segments["output"]["reference"]["perplexity"] < segments["prompt"]["reference"]["perplexity"]
+    assert "quality against the source weights" in table and "workload, output | spectrt |" in table
+
+
+def test_bench_quality_refuses_a_missing_source_before_any_run(tiny_bundle, tmp_path):
+    with pytest.raises(ConfigError, match="--quality: .*does not exist"):
+        run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=("code",), widths=(2,), peer="none",
+                                  quality=True, quality_source=str(tmp_path / "gone")), say=lambda m: None)
+    with pytest.raises(ConfigError, match="--quality: unknown text 'poetry'"):
+        run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=("code",), widths=(2,), peer="none",
+                                  quality=True, quality_texts=("poetry",)), say=lambda m: None)
 
 
 def test_bench_refuses_unbuilt_width_and_unknown_workload(tiny_bundle):

@@ -187,3 +187,21 @@ def test_smollm2_cli_with_llamacpp(smollm2_bundle, tmp_path):
     assert 0 < engines["llama.cpp"]["kl_mean"] < 0.02
     assert engines["llama.cpp"]["top1_agreement_pct"] > 90
     assert results["machine"]["cpu"] and results["source"]["format"] == "gguf"
+
+
+def test_workload_sequences_are_scored_per_sequence_with_prompt_and_output_segments():
+    from spectrt.quality.evaluate import workload_body
+
+    scheme = default_scheme(128, bos=7, window=16)  # a BOS scheme: workload sequences carry their own specials
+    short = ([1, 2, 3], [4, 5])  # one window
+    long = (list(range(10, 30)), list(range(30, 40)))  # 30 tokens: several windows of 16
+    body = workload_body("chat", [short, long, ([9], [])], scheme)  # a 1-token sequence has nothing to score
+    assert body.kind == "workload" and body.key == "workload:chat"
+    assert all(7 not in w.tokens for w in body.windows)  # no BOS added
+    # every token but each sequence's first is predicted exactly once
+    assert list(body.true_ids) == [2, 3, 4, 5] + list(range(11, 40))
+    assert body.segments["output"].sum() == 2 + 10 and body.segments["prompt"].sum() == 2 + 19
+    assert list(body.true_ids[body.segments["output"]]) == [4, 5] + list(range(30, 40))
+    assert body.facts["sequences"] == 2 and body.facts["output_tokens"] == 12
+    # the cache identity follows the material
+    assert workload_body("chat", [short, long], scheme).sha256 != workload_body("chat", [long, short], scheme).sha256

@@ -51,8 +51,23 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for workload, data in results["workloads"].items():
         lines += [f"## {workload}", ""] + _config_table(data["summaries"]) + [""] + _cost_table(data["summaries"])
-    lines += _transformers_section(results) + _llamacpp_section(results)
+    lines += _transformers_section(results) + _llamacpp_section(results) + _quality_section(results)
     return "\n".join(lines)
+
+
+def _quality_section(results: dict[str, Any]) -> list[str]:
+    """--quality: the target (and llama.cpp on the same GGUF) against the source in fp32."""
+    quality = results.get("quality")
+    if not quality:
+        return []
+    if "error" in quality:
+        return ["## quality", "", f"not measured: {quality['error']}", ""]
+    from spectrt.quality.evaluate import format_table
+
+    return ["## quality against the source weights", "",
+            "Teacher-forced over the held-out texts and over each workload's prompts followed by spectrt's plain "
+            "output for them (segments prompt and output: the positions predicting prompt tokens, and those "
+            "predicting output tokens); see docs/quality.md.", "", format_table(quality), ""]
 
 
 def _exactness_lines(exactness: dict[str, Any] | None) -> list[str]:

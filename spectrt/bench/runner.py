@@ -58,12 +58,18 @@ class BenchConfig:
     peer_draft: str | None = None
     reuse_prefix: bool = False  # off: every run prefills its whole prompt, so TTFT compares like with like
     invariance: str = "measure"  # measure | off: the Generator's row-count invariance (runtime/invariance.py)
+    quality: bool = False  # also measure the target's quality against its source (spectrt.quality): results["quality"]
+    quality_texts: tuple[str, ...] = ("prose", "code")  # held-out texts scored beside the workloads' prompts
+    quality_tokens: int = 4096  # first N tokens of each held-out text
+    quality_source: str | None = None  # the target's source model, when the bundle's record does not find it
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1 and warmup >= 0.")
         if self.peer not in PEER_CHOICES:
             raise ConfigError(f"peer must be one of {', '.join(PEER_CHOICES)}.")
+        if self.quality_tokens < 2:
+            raise ConfigError(f"--quality-tokens must be >= 2 (got {self.quality_tokens}).")
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -306,6 +312,8 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
 
     check_peers_installed(config)  # an explicitly asked-for peer that cannot run is refused before any work
     generator = Generator(config.bundle, threads=config.threads, invariance=config.invariance)
+    if config.quality:
+        check_quality_source(config, generator.manifest.raw)
     say(f"exactness on this machine: {generator.invariance.summary()}")
     has_head = generator.head is not None
     shaped = generator.target is not getattr(generator.target, "inner", generator.target)
@@ -321,6 +329,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     started = time.perf_counter()
     results: dict[str, Any] = {"workloads": {}}
     plain_ids: dict[str, dict[str, list[int]]] = {}  # workload -> prompt id -> spectrt plain tokens
+    plain_sequences: dict[str, list[tuple[list[int], list[int]]]] = {}  # workload -> [(prompt ids, plain output)]
     for workload, prompts in workloads.items():
         specs = specs_of[workload]
 
@@ -342,6 +351,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                 for spec in specs:
                     result = run(spec, prompt)
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
+                                                                        "prompt_token_ids": result.prompt_token_ids,
                                                                         "metrics": [], "gaps": [],
                                                                         "repeats_identical": True})
                     entry["repeats_identical"] &= result.token_ids == entry["token_ids"]
@@ -357,6 +367,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
                     for s in specs) + " tok/s")
         summaries = [summarize(s, per_spec[s.label], per_spec["plain"]) for s in specs]
         plain_ids[workload] = {pid: r["token_ids"] for pid, r in per_spec["plain"].items()}
+        plain_sequences[workload] = [(r["prompt_token_ids"], r["token_ids"]) for r in per_spec["plain"].values()]
         results["workloads"][workload] = {
             "summaries": summaries,
             "per_prompt": {label: {pid: {"metrics": r["metrics"], "tokens": len(r["token_ids"]),
@@ -385,12 +396,51 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["command"] = " ".join(sys.argv)
     generator.close()  # its sessions and caches are freed before the peers load their models
+    if config.quality:
+        results["quality"] = run_quality(config, plain_sequences, say)
     unconstrained = {name: prompts for name, prompts in workloads.items() if not schemas[name]}
     peers = run_peers(config, unconstrained, results["bundle"], say) if unconstrained else {}
     if peers:  # the peers generate without constraints: unconstrained workloads only
         results["peers"] = peers
         add_llamacpp_ratios(results, plain_ids)
     return results
+
+
+def check_quality_source(config: BenchConfig, manifest_raw: dict[str, Any]) -> None:
+    """--quality needs the target's source model (the reference); refused before any work when it is not found."""
+    from spectrt.quality import QualityError
+    from spectrt.quality.reference import resolve_source
+
+    from spectrt.quality.texts import load_text
+
+    try:
+        for text in config.quality_texts:
+            load_text(text)
+        resolve_source(manifest_raw, config.quality_source)
+    except QualityError as exc:
+        raise ConfigError(f"--quality: {exc}") from None
+
+
+def run_quality(config: BenchConfig, sequences: dict[str, list[tuple[list[int], list[int]]]],
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """The target's quality against its source in fp32 (spectrt.quality.evaluate), on the held-out texts and on
+    every workload's prompts followed by their plain outputs; llama.cpp on the same GGUF beside it when the
+    llama.cpp peer is asked for and installed. A failure is recorded, never lets the speed results go."""
+    from spectrt.quality.evaluate import EvalConfig, evaluate, format_table, json_default
+
+    say("quality: the target against its source in fp32" + (f", texts {', '.join(config.quality_texts)}"
+                                                            if config.quality_texts else "")
+        + f", workloads {', '.join(sequences)}")
+    try:
+        quality = evaluate(EvalConfig(bundle=config.bundle, texts=config.quality_texts, tokens=config.quality_tokens,
+                                      llamacpp=config.peer in ("auto", "llamacpp", "all"),
+                                      source=config.quality_source, threads=config.threads),
+                           say=lambda m: say(f"  quality: {m}"), sequences=sequences)
+    except Exception as exc:  # after the speed runs, a failed quality pass must not lose them
+        say(f"quality failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    say(format_table(quality))
+    return json.loads(json.dumps(quality, default=json_default))
 
 
 def check_peers_installed(config: BenchConfig) -> None:

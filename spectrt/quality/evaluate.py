@@ -8,6 +8,7 @@ compare row by row. Engines run one after another, never at once (they would sha
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.util
 import json
 import time
@@ -19,8 +20,8 @@ import numpy as np
 
 from .errors import QualityError
 from .reference import ReferenceModel, Source, reference_scores, resolve_source
-from .scoring import (DEFAULT_TOP_K, EngineAccumulator, PositionScores, Window, default_scheme, make_windows,
-                      scored_true_ids)
+from .scoring import (DEFAULT_TOP_K, EngineAccumulator, PositionScores, Window, WindowScheme, default_scheme,
+                      make_windows, scored_true_ids)
 from .texts import load_text
 
 REFERENCE_MODES = ("auto", "transformers", "none")
@@ -47,8 +48,6 @@ class EvalConfig:
             raise QualityError(f"reference '{self.reference}' unknown; choose one of {', '.join(REFERENCE_MODES)}.")
         if self.tokens < 2:
             raise QualityError(f"--tokens must be >= 2 (got {self.tokens}).")
-        if not self.texts:
-            raise QualityError("no text given; pass --text prose, --text code or --text PATH.")
         if self.threads < 0:
             raise QualityError("--threads must be >= 0.")
 
@@ -81,6 +80,17 @@ def _score(rows: Callable[[Window], Iterator[np.ndarray]], windows: list[Window]
     return accumulator.result(time.perf_counter() - start)
 
 
+def _score_bodies(engine: str, rows: Callable[[Window], Iterator[np.ndarray]], bodies: list["Body"],
+                  references: dict[str, Any], scores: dict[str, dict[str, PositionScores]],
+                  say: Callable[[str], None]) -> None:
+    """One engine over every body's windows, compared with each body's reference as the rows come."""
+    for body in bodies:
+        reference = references[body.key]
+        say(f"{body.label}: {engine} over {len(body.windows)} windows, {len(body.true_ids)} positions")
+        scores[body.key][engine] = _score(rows, body.windows,
+                                          EngineAccumulator(reference.scores if reference else None, body.true_ids))
+
+
 def _bundle_bos(tokenizer: Any, generation: dict[str, Any]) -> int | None:
     """The BOS token when the bundle's tokenizer adds one to plain text (the model was trained with it)."""
     bos = generation.get("bos_token_id")
@@ -90,11 +100,81 @@ def _bundle_bos(tokenizer: Any, generation: dict[str, Any]) -> int | None:
     return int(bos) if probe and probe[0] == int(bos) else None
 
 
-def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Run the evaluation; returns the results (JSON-serialisable), also written to config.out if given."""
+@dataclass
+class Body:
+    """What is scored under one name: a held-out text, or a workload's prompts each followed by its output."""
+
+    name: str
+    kind: str  # text | workload
+    origin: str
+    sha256: str  # identity of the scored material (part of the reference's cache key)
+    ids: np.ndarray  # [N] int64: every token id, concatenated (part of the cache key)
+    windows: list[Window]
+    true_ids: np.ndarray  # [P] the token each scored row predicts
+    segments: dict[str, np.ndarray]  # segment name -> [P] bool mask (workloads: prompt, output); texts: none
+    facts: dict[str, Any]  # what the results say about the material (tokens, windows, ...)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "text" else f"{self.name} workload"
+
+
+def text_body(text: Any, tokenizer: Any, tokens: int, scheme: WindowScheme, say: Callable[[str], None]) -> Body:
+    """A held-out text: tokenized without special tokens, its first `tokens` ids, cut into strided windows."""
+    ids = np.asarray(tokenizer.tokenizer.encode(text.text, add_special_tokens=False).ids, np.int64)
+    available = len(ids)
+    ids = ids[:tokens]
+    if available < tokens:
+        say(f"{text.name}: the text has only {available} tokens (asked {tokens}); all are used")
+    windows = make_windows(ids, scheme)
+    true_ids = scored_true_ids(ids, windows)
+    return Body(text.name, "text", text.origin, text.sha256, ids, windows, true_ids, {},
+                {"origin": text.origin, "sha256": text.sha256, "tokens": int(len(ids)),
+                 "text_tokens_available": available, "windows": len(windows), "positions": int(len(true_ids))})
+
+
+def workload_body(name: str, sequences: list[tuple[list[int], list[int]]], scheme: WindowScheme) -> Body:
+    """A workload: each prompt's token ids as the model saw them (chat template applied) followed by the output
+    decoded for it; scored from each sequence's second token, segments `prompt` and `output` by position."""
+    plain = WindowScheme(window=scheme.window, stride=scheme.stride, bos=None, top_k=scheme.top_k)
+    joined, windows, true_parts, output_parts = [], [], [], []
+    for prompt, output in sequences:
+        ids = np.asarray(list(prompt) + list(output), np.int64)  # [L] special tokens already in place: no BOS added
+        if len(ids) < 2:
+            continue
+        cut = make_windows(ids, plain)
+        joined.append(ids)
+        windows += cut
+        true_parts.append(scored_true_ids(ids, cut))
+        output_parts.append(np.concatenate([np.arange(w.start, w.end) for w in cut]) >= len(prompt))
+    if not windows:
+        raise QualityError(f"workload '{name}': no sequence of two or more tokens to score.")
+    true_ids, output_mask = np.concatenate(true_parts), np.concatenate(output_parts)
+    material = json.dumps([[list(map(int, p)), list(map(int, o))] for p, o in sequences])
+    digest = hashlib.sha256(material.encode()).hexdigest()
+    return Body(name, "workload", f"workload:{name}", digest, np.concatenate(joined), windows, true_ids,
+                {"prompt": ~output_mask, "output": output_mask},
+                {"origin": f"workload:{name}", "sha256": digest, "sequences": len(joined),
+                 "prompt_tokens": int(sum(len(p) for p, _ in sequences)),
+                 "output_tokens": int(sum(len(o) for _, o in sequences)), "windows": len(windows),
+                 "positions": int(len(true_ids))})
+
+
+def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None,
+             sequences: dict[str, list[tuple[list[int], list[int]]]] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns the results (JSON-serialisable), also written to config.out if given.
+
+    `sequences` (the bench's --quality): workload name -> [(prompt token ids, output token ids)], scored beside
+    the texts, results under "workloads" with `prompt` and `output` segments."""
     from spectrt.runtime.generator import Generator
     from spectrt.runtime.machine import machine_facts
 
+    if not config.texts and not sequences:
+        raise QualityError("no text given; pass --text prose, --text code or --text PATH.")
     texts = [load_text(t) for t in config.texts]  # unknown names fail before anything loads
     generator = Generator(config.bundle, threads=config.threads, load_draft=False)
     manifest = generator.manifest
@@ -119,49 +199,30 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
     for line in skipped:
         say(line)
 
-    prepared = []
-    for text in texts:
-        ids = np.asarray(generator.tokenizer.tokenizer.encode(text.text, add_special_tokens=False).ids, np.int64)
-        available = len(ids)
-        ids = ids[:config.tokens]
-        if available < config.tokens:
-            say(f"{text.name}: the text has only {available} tokens (asked {config.tokens}); all are used")
-        windows = make_windows(ids, scheme)
-        prepared.append((text, ids, windows, scored_true_ids(ids, windows), available))
+    bodies = [text_body(text, generator.tokenizer, config.tokens, scheme, say) for text in texts]
+    bodies += [workload_body(name, pairs, scheme) for name, pairs in (sequences or {}).items() if pairs]
 
-    # every text's reference first, with the fp32 model loaded once, then freed before the engines run
+    # every body's reference first, with the fp32 model loaded once, then freed before the engines run
     references = {}
     reference_model = ReferenceModel(source, config.threads) if source is not None else None
-    for text, ids, windows, true_ids, _ in prepared:
-        references[text.name] = (reference_scores(reference_model, text.sha256, ids, windows, true_ids, scheme,
-                                                  mode=config.reference, say=lambda m, n=text.name: say(f"{n}: {m}"))
+    for body in bodies:
+        references[body.key] = (reference_scores(reference_model, body.sha256, body.ids, body.windows,
+                                                  body.true_ids, scheme, mode=config.reference,
+                                                  say=lambda m, n=body.label: say(f"{n}: {m}"))
                                  if reference_model is not None else None)
     if reference_model is not None:
         reference_model.release()
 
-    results: dict[str, Any] = {}
-    for text, ids, windows, true_ids, available in prepared:
-        reference = references[text.name]
-        ref_true = reference.scores.true_logp if reference is not None else None
-        engines: dict[str, Any] = {}
-        if reference is not None:
-            engines["reference"] = {**PositionScores(ref_true, None, None, reference.seconds).metrics(None),
-                                    "kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement_pct": 100.0,
-                                    "tail_mass_mean": float(np.exp(reference.scores.tail_logp).mean()),
-                                    "cached": reference.cached, "cache": reference.path.name,  # names, never machine paths
-                                    "facts": reference.meta}
-        say(f"{text.name}: spectrt target over {len(windows)} windows, {len(true_ids)} positions")
-        scores = _score(lambda w: spectrt_rows(generator.target, w), windows,
-                        EngineAccumulator(reference.scores if reference else None, true_ids))
-        engines["spectrt"] = {**scores.metrics(ref_true), "facts": {
-            "backend": type(getattr(generator.target, "inner", generator.target)).__name__,
-            "precision": manifest.target.precision, "quantization": manifest.target.raw.get("quantization"),
-            "invariance": generator.invariance.summary(), "threads": config.threads}}
-        results[text.name] = {"origin": text.origin, "sha256": text.sha256, "tokens": int(len(ids)),
-                              "text_tokens_available": available, "windows": len(windows),
-                              "positions": int(len(true_ids)), "engines": engines}
+    scores: dict[str, dict[str, PositionScores]] = {body.key: {} for body in bodies}
+    engine_facts: dict[str, Any] = {}
+    target = generator.target
+    _score_bodies("spectrt", lambda w: spectrt_rows(target, w), bodies, references, scores, say)
+    engine_facts["spectrt"] = {
+        "backend": type(getattr(target, "inner", target)).__name__,
+        "precision": manifest.target.precision, "quantization": manifest.target.raw.get("quantization"),
+        "invariance": generator.invariance.summary(), "threads": config.threads}
     generator.close()
-    del generator
+    generator = target = None  # the sessions' memory goes before llama.cpp loads
     gc.collect()
 
     if want_llamacpp:
@@ -169,19 +230,24 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
 
         say(f"llama.cpp: loading {source.path}")
         llm = load_llama(str(source.path), scheme.window, config.threads)
-        llm_facts = facts(llm, source.path.name, config.threads)
-        for text, ids, windows, true_ids, _ in prepared:
-            reference = references[text.name]
-            say(f"{text.name}: llama.cpp over {len(windows)} windows")
-            scores = _score(lambda w: llamacpp_rows(llm, w), windows,
-                            EngineAccumulator(reference.scores if reference else None, true_ids))
-            ref_true = reference.scores.true_logp if reference is not None else None
-            results[text.name]["engines"]["llama.cpp"] = {**scores.metrics(ref_true), "facts": llm_facts}
+        engine_facts["llama.cpp"] = facts(llm, source.path.name, config.threads)
+        _score_bodies("llama.cpp", lambda w: llamacpp_rows(llm, w), bodies, references, scores, say)
         close = getattr(llm, "close", None)
         if callable(close):
             close()
         del llm
         gc.collect()
+
+    texts_out: dict[str, Any] = {}
+    workloads_out: dict[str, Any] = {}
+    for body in bodies:
+        reference = references[body.key]
+        entry = dict(body.facts)
+        entry["engines"] = _engine_metrics(reference, scores[body.key], engine_facts)
+        if body.segments:
+            entry["segments"] = {segment: _engine_metrics(reference, scores[body.key], None, mask)
+                                 for segment, mask in body.segments.items() if mask.any()}
+        (workloads_out if body.kind == "workload" else texts_out)[body.name] = entry
 
     out = {
         "bundle": str(config.bundle),
@@ -195,20 +261,51 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None) ->
             "description": "windows of `window` positions (BOS first when the tokenizer adds one), starts `stride` "
                            "text tokens apart; each text position scored once, after the first window with at "
                            "least window - stride tokens of context; log-softmax in float64 of fp32 logits",
+            "workloads": "each prompt's token ids as the model saw them (chat template applied), followed by the "
+                         "output plain greedy decoding produced for it, scored from the second token; segments "
+                         "prompt and output by position",
             "kl": f"KL(reference || engine) over the reference's top {scheme.top_k} tokens plus one bucket for the "
                   f"rest of the vocabulary (a lower bound of the exact KL; docs/quality.md)"},
         "machine": machine_facts(),
         "skipped": skipped,
-        "texts": results,
+        "texts": texts_out,
     }
+    if workloads_out:
+        out["workloads"] = workloads_out
     if config.out:
         path = Path(config.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2, default=_json_default))
+        path.write_text(json.dumps(out, indent=2, default=json_default))
     return out
 
 
-def _json_default(value: Any) -> Any:
+def _engine_metrics(reference: Any, scores: dict[str, PositionScores], engine_facts: dict[str, Any] | None,
+                    mask: np.ndarray | None = None) -> dict[str, Any]:
+    """engine -> metrics over the positions in `mask` (all when None): the reference's row first, when there is
+    one; `facts` attached when given."""
+    def pick(values: np.ndarray) -> np.ndarray:
+        return values if mask is None else values[mask]
+
+    engines: dict[str, Any] = {}
+    ref_true = pick(reference.scores.true_logp) if reference is not None else None
+    if reference is not None:
+        engines["reference"] = {**PositionScores(ref_true, None, None, reference.seconds).metrics(None),
+                                "kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement_pct": 100.0,
+                                "tail_mass_mean": float(np.exp(pick(reference.scores.tail_logp)).mean())}
+        if engine_facts is not None:
+            engines["reference"] |= {"cached": reference.cached, "cache": reference.path.name,  # names, never paths
+                                     "facts": reference.meta}
+    for engine, score in scores.items():
+        engines[engine] = (score if mask is None else score.subset(mask)).metrics(ref_true)
+        if engine_facts is not None:
+            engines[engine]["facts"] = engine_facts[engine]
+    if mask is not None:  # a segment's positions are scored in the same passes as the rest: no time of their own
+        for metrics in engines.values():
+            metrics["seconds"] = None
+    return engines
+
+
+def json_default(value: Any) -> Any:
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, Path):
@@ -229,11 +326,18 @@ def format_table(results: dict[str, Any]) -> str:
              "| text | engine | positions | perplexity | vs reference | mean KL(ref ‖ engine) | p99 KL | "
              "top-1 = reference | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, text in results["texts"].items():
-        for engine, m in text["engines"].items():
+
+    def rows(label: str, engines: dict[str, Any]) -> None:
+        for engine, m in engines.items():
             seconds = num(m["seconds"], ".1f") + (" (cached)" if m.get("cached") else "")
-            lines.append(f"| {name} | {engine} | {m['positions']} | {num(m['perplexity'], '.3f')} | "
+            lines.append(f"| {label} | {engine} | {m['positions']} | {num(m['perplexity'], '.3f')} | "
                          f"{num(m['perplexity_change_pct'], '+.2f', '%')} | {num(m['kl_mean'], '.4f')} | "
                          f"{num(m['kl_p99'], '.3f')} | {num(m['top1_agreement_pct'], '.1f', '%')} | {seconds} |")
+
+    for name, text in results["texts"].items():
+        rows(name, text["engines"])
+    for name, workload in results.get("workloads", {}).items():
+        for segment, engines in workload.get("segments", {}).items():
+            rows(f"{name} workload, {segment}", engines)
     lines += [f"- {line}" for line in results["skipped"]]
     return "\n".join(lines)

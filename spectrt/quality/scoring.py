@@ -207,7 +207,15 @@ class PositionScores:
     top1: np.ndarray | None  # [P] bool: engine argmax == reference argmax
     seconds: float
 
+    def subset(self, mask: np.ndarray) -> "PositionScores":
+        """The positions where `mask` ([P] bool) holds (seconds stay the whole pass's)."""
+        pick = np.asarray(mask, dtype=bool)
+        return PositionScores(self.true_logp[pick], None if self.kl is None else self.kl[pick],
+                              None if self.top1 is None else self.top1[pick], self.seconds)
+
     def metrics(self, reference_true_logp: np.ndarray | None) -> dict[str, Any]:
+        if not len(self.true_logp):
+            raise QualityError("no scored positions: nothing to measure.")
         perplexity = float(np.exp(-self.true_logp.mean()))
         out: dict[str, Any] = {"positions": int(len(self.true_logp)), "perplexity": perplexity,
                                "perplexity_change_pct": None, "kl_mean": None, "kl_p99": None,
@@ -256,3 +264,4 @@ class EngineAccumulator:
 def scored_true_ids(ids: np.ndarray, windows: list[Window]) -> np.ndarray:
     """The text token each scored row predicts, in order: [P]."""
     return np.concatenate([np.asarray(ids)[w.start:w.end] for w in windows]).astype(np.int64)
+
