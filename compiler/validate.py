@@ -33,10 +33,11 @@ class Thresholds:
 # move by several units (SmolLM2-135M Q4_1: max 14.4, 81% top-1 agreement), so its gate is mainly the
 # agreement floor, which a broken export (near 0%) cannot pass.
 # gguf holds the file's own weights exactly (the reference loads the same values), so only the int8 activations
-# move logits: it gets the int4 recipe's limits at the same accuracy level 4, and measures well inside them
-# (SmolLM2-135M Q4_1: see tests/test_gguf_import.py).
+# (accuracy level 4) move logits: measured max 1.46 / 97.6% top-1 (SmolLM2-135M Q4_1 target), 2.14 / 100%
+# (Qwen2.5-Coder-1.5B Q4_K_M target); its limits sit about 3x above the largest difference, four times tighter
+# than int4's, with the int8 recipe's agreement floor.
 THRESHOLDS = {"fp32": Thresholds(1e-2, 0.99), "fp16": Thresholds(1.0, 0.90),
-              "int8": Thresholds(4.0, 0.85), "int4": Thresholds(24.0, 0.65), "gguf": Thresholds(24.0, 0.65)}
+              "int8": Thresholds(4.0, 0.85), "int4": Thresholds(24.0, 0.65), "gguf": Thresholds(6.0, 0.85)}
 
 
 def thresholds_for(precision: str, quantize: str = "none") -> Thresholds:

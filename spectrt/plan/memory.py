@@ -91,7 +91,8 @@ class MemoryPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "source": self.source, "context": self.context, "prefill": self.prefill,
-            "models": {role: {k: v for k, v in asdict(shape).items() if k != "engine_profiles"}
+            "models": {role: {k: dict(v) if k == "gguf_types" else v for k, v in asdict(shape).items()
+                              if k != "engine_profiles"}
                        | {"weight_bytes": shape.weight_bytes()} for role, shape in self.models.items()},
             "backends": {plan.backend: {"precision": plan.precision, "device_bytes": plan.device_bytes,
                                         "host_bytes": plan.host_bytes, "total_bytes": plan.total,

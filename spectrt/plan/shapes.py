@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from spectrt.runtime.backends.device_plan import DTYPE_BYTES, ModelGeometry, Profile, fixed_step_rows
+from spectrt.runtime.errors import ConfigError
 from spectrt.runtime.manifest import Manifest, ModelEntry
 
 from .calibration import KiB
@@ -13,6 +14,14 @@ from .calibration import KiB
 
 DATA_ALIGN = 4096  # compiler/onnx_graph.py starts every external tensor on a page boundary
 GRAPH_BYTES_PER_LAYER = 7 * KiB  # .onnx protobuf per decoder layer (Qwen2.5 1.5B: 201875 B / 28 layers)
+
+# quantize = "gguf": GGUF block type -> (MatMulNBits bits, block size, has a block minimum), as
+# compiler/gguf_blocks.LAYOUTS holds them; a type with a minimum adds an fp32 correction per 32 inputs
+GGUF_BLOCKS: dict[str, tuple[int, int, bool]] = {
+    "Q4_0": (4, 32, False), "Q4_1": (4, 32, True), "Q5_0": (8, 32, False), "Q5_1": (8, 32, True),
+    "Q8_0": (8, 32, False), "Q4_K": (4, 32, True), "Q5_K": (8, 32, True), "Q6_K": (8, 16, False),
+}
+GGUF_CORRECTION_BLOCK = 32
 
 
 # -- models ---------------------------------------------------------------------------------------------------------
@@ -34,7 +43,7 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_bias: bool
     precision: str  # fp32 | fp16
-    quantize: str  # none | int8 | int4 (MatMulNBits, int8 activations; the output layer int8)
+    quantize: str  # none | int8 | int4 (MatMulNBits, int8 activations; the output layer int8) | gguf (as stored)
     block_size: int
     max_context: int
     logits_rows: int  # the graph returns logits for the last min(S, logits_rows) positions
@@ -42,6 +51,7 @@ class ModelShape:
     weight_file_bytes: int | None = None  # bundle mode: sizes of the ONNX graph + its external data
     engine_file_bytes: int | None = None  # bundle mode with TensorRT engines: the engine's size
     engine_profiles: tuple[Profile, ...] = ()
+    gguf_types: tuple[tuple[str, str], ...] = ()  # quantize = "gguf": (GGUF tensor name, type) of the source file
 
     @property
     def quantized(self) -> bool:
@@ -69,6 +79,8 @@ class ModelShape:
         their MatMul/Gemm/MatMulNBits kernel (the original released), a "table" only read by a Gather (untied
         embeddings) stays memory-mapped from the file, resident only where rows are read, a "shared" table (tied
         embeddings and output layer) is read by both, "small" tensors (norms, biases, rope tables) are held as is."""
+        if self.quantize == "gguf":
+            return self._gguf_weights()
         b = DTYPE_BYTES[self.precision]
         weights: list[tuple[str, tuple[int, ...]]] = []
 
@@ -107,6 +119,64 @@ class ModelShape:
             linear(2 * self.intermediate_size, self.hidden_size)  # gate and up, one matrix
             linear(self.hidden_size, self.intermediate_size)
         weights.append(("small", (self.hidden_size * b,)))  # final norm
+        return weights
+
+    def _gguf_weights(self) -> list[tuple[str, tuple[int, ...]]]:
+        """quantize = "gguf" (compiler/onnx_graph.py's gguf path, fp32 graphs): each GGUF tensor as stored (codes,
+        fp32 scales, an fp32 correction where the type has a block minimum; 4-bit zero points folded into it, as
+        the build does wherever that is exact), float tensors as fp32; the consecutive weights of one projection
+        that share a form (bits, block, correction) stacked into one node, float ones into one MatMul."""
+        if not self.gguf_types:
+            raise ConfigError("a gguf-quantized model needs its GGUF tensor types to be planned (the source must be "
+                              "a .gguf file; a bundle records them in its manifest).")
+        types = dict(self.gguf_types)
+        h = self.hidden_size
+
+        def form(name: str) -> tuple[int, int, bool] | None:  # None: a float tensor
+            qtype = types.get(name)
+            if qtype is None:
+                raise ConfigError(f"the GGUF file has no tensor '{name}' this architecture needs.")
+            return GGUF_BLOCKS.get(qtype)
+
+        def tensors(shape: tuple[int, int, bool] | None, n: int, k: int) -> tuple[str, tuple[int, ...]]:
+            if shape is None:
+                return "float", (n * k * 4,)
+            bits, block, minimum = shape
+            parts = (n * k * bits // 8, n * (k // block) * 4)  # codes, scales
+            return f"int{bits}", parts + ((n * (k // GGUF_CORRECTION_BLOCK) * 4,) if minimum else ())
+
+        def project(parts: list[tuple[str, int]], k: int) -> list[tuple[str, tuple[int, ...]]]:
+            runs: list[list] = []  # [form, rows]
+            for name, rows in parts:
+                shape = form(name)
+                if runs and runs[-1][0] == shape:
+                    runs[-1][1] += rows
+                else:
+                    runs.append([shape, rows])
+            return [tensors(shape, rows, k) for shape, rows in runs]
+
+        shared = self.tie_word_embeddings and self.output_rows == self.vocab
+        embed = tensors(form("token_embd.weight"), self.vocab, h)
+        weights = [("shared" if shared else "table", embed[1])]
+        if not shared:
+            head = tensors(form("token_embd.weight" if self.tie_word_embeddings else "output.weight"),
+                           self.output_rows, h)
+            weights.append(head)
+        weights += [("small", (self.max_context * self.head_dim * 4,))] * 2  # rope cos, sin
+        heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        for i in range(self.num_layers):
+            blk = f"blk.{i}"
+            weights.append(("small", (h * 4,)))  # input norm
+            weights += project([(f"{blk}.attn_q.weight", heads), (f"{blk}.attn_k.weight", kv),
+                                (f"{blk}.attn_v.weight", kv)], h)
+            if self.attention_bias:
+                weights.append(("small", ((heads + 2 * kv) * 4,)))
+            weights += project([(f"{blk}.attn_output.weight", h)], heads)
+            weights.append(("small", (h * 4,)))  # post-attention norm
+            weights += project([(f"{blk}.ffn_gate.weight", self.intermediate_size),
+                                (f"{blk}.ffn_up.weight", self.intermediate_size)], h)
+            weights += project([(f"{blk}.ffn_down.weight", h)], self.intermediate_size)
+        weights.append(("small", (h * 4,)))  # final norm
         return weights
 
     def data_file_bytes(self) -> int:
@@ -195,4 +265,4 @@ def shape_from_entry(manifest: Manifest, entry: ModelEntry) -> ModelShape:
         block_size=quantization.get("block_size", 32), max_context=entry.max_context,
         logits_rows=entry.logits_rows if entry.logits_rows is not None else entry.max_context,
         widths=tuple(entry.widths), weight_file_bytes=weight_bytes, engine_file_bytes=engine_bytes,
-        engine_profiles=profiles)
+        engine_profiles=profiles, gguf_types=tuple(sorted((quantization.get("tensors") or {}).items())))

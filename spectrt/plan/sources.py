@@ -31,6 +31,7 @@ class SourceConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     tokenizer_bytes: int  # size of the tokenizer.json a build writes (measured or estimated)
+    tensor_types: tuple[tuple[str, str], ...] = ()  # GGUF files: (tensor name, type) of every tensor
 
 
 def read_source_config(path: Path) -> SourceConfig:
@@ -131,7 +132,8 @@ def _gguf_config(path: Path) -> SourceConfig:
         added_token_ids=tuple(i for i, t in enumerate(types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        tokenizer_bytes=int(strings * TOKENIZER_JSON_PER_GGUF_STRING_BYTE))
+        tokenizer_bytes=int(strings * TOKENIZER_JSON_PER_GGUF_STRING_BYTE),
+        tensor_types=tuple(sorted((t.name, t.tensor_type.name) for t in reader.tensors)))
 
 
 def shapes_from_configs(target: SourceConfig, draft: SourceConfig, *, widths: Iterable[int], max_context: int,
@@ -145,11 +147,15 @@ def shapes_from_configs(target: SourceConfig, draft: SourceConfig, *, widths: It
         output_rows = vocab
         if role == "draft" and draft_vocab and draft_vocab < vocab:
             output_rows = len(set(range(draft_vocab)) | {i for i in source.added_token_ids if i < vocab})
+        if quantize[role] == "gguf" and not source.tensor_types:
+            raise ConfigError(f"quantize = \"gguf\" for the {role} needs a .gguf source (it keeps the file's blocks); "
+                              f"use int4 or int8 for a Hugging Face folder.")
         shapes[role] = ModelShape(
             role=role, num_layers=source.num_layers, hidden_size=source.hidden_size, num_heads=source.num_heads,
             num_kv_heads=source.num_kv_heads, head_dim=source.head_dim, intermediate_size=source.intermediate_size,
             vocab=vocab, output_rows=output_rows, tie_word_embeddings=source.tie_word_embeddings,
             attention_bias=source.attention_bias, precision=precision, quantize=quantize[role], block_size=block_size,
             max_context=max_context, logits_rows=max(widths) + 1 if role == "target" else 1,
-            widths=widths if role == "target" else ())
+            widths=widths if role == "target" else (),
+            gguf_types=source.tensor_types if quantize[role] == "gguf" else ())
     return shapes
