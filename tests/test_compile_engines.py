@@ -208,17 +208,30 @@ def _assert_failure_leaves_bundle_intact(bundle: Path, monkeypatch, failure: str
     verify_files(read_manifest(bundle))
 
 
-def test_overwrite_rebuilds_the_engines(compiled, tmp_path, trt):
+def test_overwrite_rebuilds_the_engines(tiny_llama_pair, tmp_path, trt):
+    """A compiled bundle compiled again with --overwrite and other settings: new engines, the settings recorded.
+    On a tiny fp16 bundle (the SmolLM2 engines above cost a minute per build; overwriting does not depend on the
+    model's size)."""
+    target, draft = tiny_llama_pair
+    bundle = tmp_path / "tiny-fp16"
+    build_bundle(BuildConfig(target=str(target), draft=str(draft), widths=WIDTHS, max_context=64, precision="fp16",
+                             backend="onnx", validate=False, out=str(bundle)), progress=Progress(quiet=True))
+    first = run_compile(bundle, blocked=tmp_path / "blocked")
+    assert first.returncode == 0, first.stderr[-4000:]
+    first_engines = {role: (bundle / e["path"]).read_bytes() for role, e in json.loads(first.stdout)["engines"].items()}
     options = ["--overwrite", "--prefill-opt", "32", "--timing-cache", str(tmp_path / "timing.cache")]
     if trt.__name__ == "tensorrt_rtx":
         options += ["--compute-capabilities", "SM86"]
-    run = run_compile(compiled.bundle, *options, blocked=tmp_path / "blocked")
+    run = run_compile(bundle, *options, blocked=tmp_path / "blocked")
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.heavy == []
     assert (tmp_path / "timing.cache").stat().st_size > 0
     print("\n[spectrt compile --overwrite] " + ", ".join(f"{role} {e['build_seconds']:.1f} s"
                                                         for role, e in json.loads(run.stdout)["engines"].items()))
-    manifest = read_manifest(compiled.bundle)
+    manifest = read_manifest(bundle)
+    # other profiles (prefill opt 32), so other engine files
+    assert all((bundle / manifest.raw["models"][role]["backends"]["tensorrt"]["path"]).read_bytes() != engine
+               for role, engine in first_engines.items())
     verify_files(manifest)
     assert manifest.raw["compile"]["prefill_opt"] == 32
     assert manifest.raw["compile"]["timing_cache"] == "timing.cache"  # its name only: no machine paths
@@ -226,7 +239,7 @@ def test_overwrite_rebuilds_the_engines(compiled, tmp_path, trt):
         record = manifest.raw["models"][role]["backends"]["tensorrt"]
         assert record["compute_capabilities"] == (["SM86"] if trt.__name__ == "tensorrt_rtx" else [])
         assert record["profiles"][0]["name"] == "prefill" and record["profiles"][0]["shapes"]["input_ids"][1] == [1, 32]
-    assert sorted(p.name for p in compiled.bundle.iterdir()) == sorted([*manifest.files, MANIFEST_NAME])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*manifest.files, MANIFEST_NAME])
 
 
 def test_weight_quantized_bundle_is_refused_with_what_to_do(tiny_llama_pair, tmp_path, trt):
