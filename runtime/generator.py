@@ -20,6 +20,7 @@ from .manifest import Manifest, ModelEntry, check_external_data, read_manifest, 
 from .metrics import AggregateMetrics, RequestMetrics
 from .sampling import SamplingParams
 from .picker import ACCEPT_RULES, TokenPicker
+from .prediction import PredictionDrafter
 from .sampling import random_seed
 from .scheduler import CostModel, LongRunAcceptance, WidthScheduler
 from .text import BundleTokenizer, IncrementalDecoder, StopMatcher
@@ -47,6 +48,9 @@ class GenerateConfig:
     regex: str | None = None  # a regular expression the whole output matches
     grammar: str | None = None  # a Lark grammar (llguidance syntax) with a `start` rule
     choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
+    # predicted output (OpenAI's `prediction`): text the output is expected to repeat, e.g. the file an edit
+    # changes; drafted first, `draft` proposes where the output leaves it (runtime/prediction.py)
+    prediction: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -66,6 +70,9 @@ class GenerateConfig:
                                       or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
+        if self.prediction is not None and (not isinstance(self.prediction, str) or not self.prediction):
+            raise GenerationError("prediction must be a non-empty string (the text the output is expected to "
+                                  "repeat), or None.")
         spec = constraint_spec(self.json_schema, self.regex, self.grammar, self.choice)  # validates the form
         if spec is not None and spec.kind == "json_schema":
             object.__setattr__(self, "json_schema", spec.source)  # JSON text: the frozen config holds no dict
@@ -311,8 +318,9 @@ class Generator:
     def _long_run_acceptance(self, config: GenerateConfig) -> LongRunAcceptance:
         """Acceptance of earlier `auto` requests with this drafter and (rounded) sampling settings; bounded."""
         params = config.sampling
-        key = ((config.draft, "greedy") if params.greedy else
-               (config.draft, config.accept, round(params.temperature, 2), params.top_k, round(params.top_p, 2)))
+        drafter = _drafter_key(config)
+        key = ((drafter, "greedy") if params.greedy else
+               (drafter, config.accept, round(params.temperature, 2), params.top_k, round(params.top_p, 2)))
         if config.constraint is not None:  # constrained output is accepted at other rates
             key = (*key, "constrained")
         with self._state_lock:
@@ -323,7 +331,7 @@ class Generator:
     def _cost_model(self, config: GenerateConfig) -> CostModel:
         """The measured costs requests like this one are priced with: per drafter, and apart for constrained
         requests (masked verification and grammar-forked drafting cost more than the unconstrained kind)."""
-        key = (config.draft, config.constraint is not None)
+        key = (_drafter_key(config), config.constraint is not None)
         with self._state_lock:
             return self._costs.setdefault(key, CostModel())
 
@@ -404,7 +412,10 @@ class Generator:
                                   "drafter.")
         drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
                                target=self.target)
-        width = 0 if config.draft == "none" else config.width
+        if config.prediction is not None:
+            predicted = self.tokenizer.tokenizer.encode(config.prediction, add_special_tokens=False).ids
+            drafter = PredictionDrafter(predicted, drafter)
+        width = 0 if config.draft == "none" and config.prediction is None else config.width
         WidthScheduler(self.built_widths, width)  # validates the width now
         # validated now; a constrained request always has an end token (the bundle's, if eos_ids was emptied)
         constraint = (self.constraints.compile(spec, self.eos_ids or self.constraints.eos_ids) if spec is not None
@@ -465,6 +476,10 @@ class Generator:
             if width == "auto":
                 long_run.update(scheduler.acceptance)
             self._last_width[config.draft] = scheduler.last_width
+        if isinstance(drafter, PredictionDrafter):
+            metrics.prediction_tokens = len(drafter.prediction)
+            metrics.accepted_prediction_tokens = drafter.accepted_tokens
+            metrics.rejected_prediction_tokens = drafter.rejected_tokens
         self.aggregate.add(metrics, state.finish_reason)
         yield StreamChunk(None, tail, state.finish_reason, metrics, constraint.metrics if constraint else None)
 
@@ -485,6 +500,12 @@ class Generator:
             chunks.close()
         return GenerationResult("".join(texts), token_ids, last.finish_reason, prompt_ids, last.metrics,
                                 last.constraint)
+
+
+def _drafter_key(config: GenerateConfig) -> str:
+    """What a request's measured costs and acceptance are kept under: its drafter, apart with a prediction (its
+    rounds are accepted at other rates than the drafter's own)."""
+    return config.draft if config.prediction is None else f"prediction+{config.draft}"
 
 
 def load(bundle: str | Path, **options: Any) -> Generator:

@@ -101,7 +101,9 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
             draft_started = True
         t0 = now()
         lag = drafter.behind(tokens)
-        k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model, lag)
+        sure = drafter.sure(tokens) if hasattr(drafter, "sure") else 0  # an aligned predicted output
+        k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model, lag,
+                            sure)
         t1 = now()
         if k:
             drafter.catch_up(tokens)

@@ -56,6 +56,9 @@ class RequestMetrics:
     pad_guesses: int = 0  # of them, rows that carried a free n-gram guess instead of a filler token
     pad_guesses_accepted: int = 0  # guesses the target confirmed: tokens gained from the padding
     seed: int | None = None  # the sampling seed used (drawn when the request passed none); None = greedy
+    prediction_tokens: int = 0  # a predicted output's tokens (0: no prediction)
+    accepted_prediction_tokens: int = 0  # of them, accepted as drafted (OpenAI's usage field of that name)
+    rejected_prediction_tokens: int = 0  # the others: proposed and refused, or never reached
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # drafting, including draft_catchup_seconds
@@ -160,6 +163,9 @@ class RequestMetrics:
             "pad_rows": self.pad_rows,
             "pad_guesses": self.pad_guesses,
             "pad_guesses_accepted": self.pad_guesses_accepted,
+            "prediction_tokens": self.prediction_tokens,
+            "accepted_prediction_tokens": self.accepted_prediction_tokens,
+            "rejected_prediction_tokens": self.rejected_prediction_tokens,
             "queue_seconds": self.queue_seconds,
             "prefill_seconds": self.prefill_seconds,
             "draft_seconds": self.draft_seconds,

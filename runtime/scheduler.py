@@ -256,10 +256,15 @@ class WidthScheduler:
                                       f"{', '.join(map(str, self.built))} (or 0 for plain decoding, or auto).")
             self.fixed = k
 
-    def width(self, limit: int, model_draft: bool = True, draft_lag: int = 0) -> int:
+    def width(self, limit: int, model_draft: bool = True, draft_lag: int = 0, sure: int = 0) -> int:
         """Width for the next round, at most `limit` (remaining budget / context); `draft_lag`: committed tokens
-        the draft has not read yet."""
-        self.last_width = self._choose(limit, model_draft, draft_lag)
+        the draft has not read yet; `sure`: tokens the drafter all but knows (an aligned predicted output), which
+        `auto` verifies at the widest built width that fits them."""
+        fitting = [k for k in self.built if k <= min(sure, limit)]
+        if self.fixed is None and fitting:
+            self.last_width = fitting[-1]
+        else:
+            self.last_width = self._choose(limit, model_draft, draft_lag)
         return self.last_width
 
     def _choose(self, limit: int, model_draft: bool, draft_lag: int) -> int:

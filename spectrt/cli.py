@@ -412,6 +412,9 @@ def train_head_command(bundle: Path, workloads: str, text: tuple[str, ...], as_j
 @click.option("--grammar", metavar="LARK|@FILE",
               help="Constrain the output to this Lark grammar (llguidance syntax, a `start` rule; inline, or @file).")
 @click.option("--choice", "choices", multiple=True, help="Constrain the output to one of these strings (repeatable).")
+@click.option("--prediction", metavar="TEXT|@FILE",
+              help="Predicted output (inline, or @file): text the output is expected to repeat, e.g. the file an edit "
+                   "changes; drafted first, --draft proposes where the output leaves it. Output is unchanged.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (exactly the target's output).")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -432,15 +435,16 @@ def train_head_command(bundle: Path, workloads: str, text: tuple[str, ...], as_j
 @click.option("--json", "as_json", is_flag=True, help="Print text, finish reason and all metrics as JSON.")
 def generate_command(bundle: Path, prompt: str | None, chat_message: str | None, max_new_tokens: int, stream: bool,
                      draft: str, width: str, json_schema: str | None, regex: str | None, grammar: str | None,
-                     choices: tuple[str, ...], temperature: float, top_k: int, top_p: float, seed: int | None,
-                     accept: str, stop: tuple[str, ...], threads: int, backend: str, provider: str, invariance: str,
-                     as_json: bool) -> None:
+                     choices: tuple[str, ...], prediction: str | None, temperature: float, top_k: int, top_p: float,
+                     seed: int | None, accept: str, stop: tuple[str, ...], threads: int, backend: str, provider: str,
+                     invariance: str, as_json: bool) -> None:
     """Generate text from BUNDLE with speculative decoding.
 
     \b
     spectrt generate engines/qwen-coder "def fibonacci(n):" --max-new-tokens 128 --stream
     spectrt generate engines/qwen-coder --chat "Write a haiku about caches" --temperature 0.7 --seed 1
     spectrt generate engines/qwen-coder --chat "Extract name and age: Ann, 31" --json-schema @person.schema.json
+    spectrt generate engines/qwen-coder --chat "$(cat edit-request.txt)" --prediction @app.py
     """
     from spectrt.errors import GenerationError
     from spectrt.runtime.generator import GenerateConfig, Generator
@@ -450,7 +454,8 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
     config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, accept=accept, stop=stop, draft=draft, width=width,
                             json_schema=_text_or_file(json_schema, "--json-schema"), regex=regex,
-                            grammar=_text_or_file(grammar, "--grammar"), choice=choices or None)
+                            grammar=_text_or_file(grammar, "--grammar"), choice=choices or None,
+                            prediction=_text_or_file(prediction, "--prediction"))
     generator = Generator(bundle, backend=backend, threads=threads, provider=provider,
                           load_draft=draft in ("auto", "model", "head", "grammar+model"), invariance=invariance)
     messages = [{"role": "user", "content": chat_message}] if chat_message is not None else None
@@ -480,6 +485,9 @@ def generate_command(bundle: Path, prompt: str | None, chat_message: str | None,
         c = final.constraint
         click.secho(f"[{c.kind} constraint] {c.forced_tokens} tokens forced by the grammar ({c.forced_accepted} "
                     f"accepted), {c.masks} masks in {c.mask_seconds * 1e3:.1f} ms", fg="cyan", err=True)
+    if metrics["prediction_tokens"]:
+        click.secho(f"[prediction] {metrics['accepted_prediction_tokens']} of {metrics['prediction_tokens']} predicted "
+                    f"tokens accepted", fg="cyan", err=True)
 
 
 def _text_or_file(value: str | None, option: str) -> str | None:

@@ -85,6 +85,15 @@ def test_openai_client_chat_and_completion_stream_and_not(smollm2_bundle):
                                                      temperature=0, stream=True, extra_body={"draft": "ngram"})
         text = "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices)
         assert text == chat_expected
+        # OpenAI's predicted output, through the client's own `prediction` argument
+        predicted = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=32, temperature=0,
+                                                   prediction={"type": "content", "content": chat_expected},
+                                                   extra_body={"draft": "ngram"})
+        assert predicted.choices[0].message.content == chat_expected
+        details = predicted.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > 0
+        assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == len(
+            generator.tokenizer.tokenizer.encode(chat_expected, add_special_tokens=False).ids)
     finally:
         server.stop()
 
@@ -207,6 +216,7 @@ def test_eight_clients_get_their_sequential_results_and_metrics_add_up(tiny_serv
     ({"prompt": list(range(1, 300))}, 400, "prompt"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "hi", "prediction": {"type": "text", "content": "x"}}, 400, "prediction"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(tiny_server, body, status, param):
     response = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", **body}, timeout=30)

@@ -197,7 +197,7 @@ PARAM_HINTS = (("json_schema", "response_format"), ("schema", "response_format")
                ("grammar", "grammar"), ("choice", "choice"), ("width", "width"), ("drafter", "draft"), ("draft model", "draft"), ("chat template", "messages"),
                ("messages", "messages"), ("prompt", "prompt"), ("max_new_tokens", "max_tokens"),
                ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
-               ("stop", "stop"), ("accept", "accept"))
+               ("stop", "stop"), ("accept", "accept"), ("prediction", "prediction"))
 
 
 def _guess_param(message: str) -> str | None:

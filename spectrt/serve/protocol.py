@@ -46,6 +46,23 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(BaseModel):
+    """OpenAI's predicted output: `{"type": "content", "content": "..." | [{"type": "text", "text": "..."}]}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -76,6 +93,7 @@ class SamplingFields(BaseModel):
     regex: Optional[str] = None
     grammar: Optional[str] = Field(default=None, min_length=1)
     choice: Optional[list[str]] = Field(default=None, min_length=1)
+    prediction: Optional[Prediction] = None  # text the output is expected to repeat (an edit's original)
 
     @model_validator(mode="after")
     def _one_constraint(self) -> "SamplingFields":
@@ -87,6 +105,8 @@ class SamplingFields(BaseModel):
             given.insert(0, "response_format")
         if len(given) > 1:
             raise ValueError(f"pass at most one constraint (got {', '.join(given)})")
+        if self.prediction is not None and not self.prediction.text():
+            raise ValueError("prediction content is empty")
         return self
 
     @field_validator("stop")
@@ -114,6 +134,8 @@ class SamplingFields(BaseModel):
                    "draft": self.draft, "width": self.width, "accept": self.accept, "reuse_prefix": self.reuse_prefix}
         schema = self.response_format.to_json_schema() if self.response_format is not None else None
         constraints = {"json_schema": schema, "regex": self.regex, "grammar": self.grammar, "choice": self.choice}
+        if self.prediction is not None:
+            options["prediction"] = self.prediction.text()
         return options | {name: value for name, value in constraints.items() if value is not None}
 
 
@@ -139,12 +161,6 @@ class CompletionRequest(SamplingFields):
         if isinstance(self.prompt[0], str):
             return {"prompt": self.prompt[0]}
         return {"prompt_ids": list(self.prompt)}
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
 
 
 class ChatMessage(BaseModel):
@@ -181,6 +197,9 @@ def usage(metrics: dict[str, Any]) -> dict[str, Any]:
         **{key: metrics[key] for key in ("drafted_tokens", "accepted_tokens", "acceptance_rate", "rounds",
                                           "fallback_rounds", "draft_misses", "reused_prompt_tokens")},
         "exact": metrics.get("exact"),  # the target's calls stayed on one numeric path (see GET /health)
+        "completion_tokens_details": {  # OpenAI's names; both 0 without a prediction
+            "accepted_prediction_tokens": metrics.get("accepted_prediction_tokens", 0),
+            "rejected_prediction_tokens": metrics.get("rejected_prediction_tokens", 0)},
     }
 
 
