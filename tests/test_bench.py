@@ -108,3 +108,37 @@ def test_bench_refuses_unbuilt_width_and_unknown_workload(tiny_bundle):
     with pytest.raises(ConfigError, match="unknown workload 'poetry'"):
         run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=("poetry",), widths=(2,), peer="none"),
                       say=lambda m: None)
+
+
+def test_a_workload_with_predictions_adds_prediction_configurations(tiny_bundle, tmp_path):
+    """An edit-like workload (prompts with a predicted output): plain runs without it, prediction@W and
+    prediction+ngram@W with it; every output equals plain decoding's, the usage counts add up."""
+    from spectrt.runtime.generator import Generator
+
+    generator = Generator(tiny_bundle, threads=1)
+    records = []
+    for index, prompt in enumerate(["hello world", "the cache"]):
+        plain = generator.generate(prompt, max_new_tokens=16, draft="none").text
+        records.append({"id": f"e-{index}", "prompt": prompt, "prediction": plain if index == 0 else "x " + plain})
+    workload = tmp_path / "edits.jsonl"
+    workload.write_text("\n".join(json.dumps(r) for r in records))
+    results = run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=(str(workload),), drafts=("ngram",),
+                                        widths=("auto", 2), max_new_tokens=16, repeats=1, warmup=0, threads=1,
+                                        peer="none"), say=lambda m: None)
+    summaries = {s["config"]: s for s in results["workloads"][str(workload)]["summaries"]}
+    assert {"plain", "ngram@auto", "ngram@2", "prediction@auto", "prediction@2", "prediction+ngram@auto",
+            "prediction+ngram@2"} <= set(summaries)
+    for label, summary in summaries.items():
+        assert summary["exact_match_with_plain"] == 2, label
+        if summary["prediction"]:
+            assert summary["accepted_prediction_tokens"] + summary["rejected_prediction_tokens"] == \
+                summary["prediction_tokens"] > 0
+    assert "prediction_tokens" not in summaries["plain"]  # the baseline never sees the prediction
+    assert summaries["prediction@auto"]["accepted_prediction_tokens"] > 0
+
+
+def test_the_edit_workload_carries_predictions():
+    prompts = load_workload("edit")
+    assert len(prompts) >= 8 and all(p.messages and p.prediction for p in prompts)
+    for prompt in prompts:  # the prediction is the file the request quotes, in its code block
+        assert prompt.prediction.startswith("```") and prompt.prediction in prompt.messages[-1]["content"]

@@ -214,15 +214,20 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
     plt, fig, panels = _figure(results)
     for ax, workload in panels:
         summaries = results["workloads"][workload]["summaries"]
-        for draft, marker in (("model", "o"), ("ngram", "s")):
-            fixed = sorted((s["width"], s["speedup_vs_plain"]) for s in summaries
-                           if s["draft"] == draft and s["width"] != "auto" and s["speedup_vs_plain"])
+        lines = [(draft, marker, False) for draft, marker in (("model", "o"), ("ngram", "s"))]
+        lines += [("none", "^", True)] if any(s.get("prediction") for s in summaries) else []  # the prediction alone
+        for draft, marker, prediction in lines:
+            chosen = [s for s in summaries if s["draft"] == draft and bool(s.get("prediction")) == prediction
+                      and s["speedup_vs_plain"]]
+            name = "prediction" if prediction else f"{draft} drafter"
+            fixed = sorted((s["width"], s["speedup_vs_plain"]) for s in chosen if s["width"] != "auto")
             if fixed:
-                ax.plot([w for w, _ in fixed], [v for _, v in fixed], marker=marker, label=f"{draft} drafter")
-            auto = [s for s in summaries if s["draft"] == draft and s["width"] == "auto" and s["speedup_vs_plain"]]
+                ax.plot([w for w, _ in fixed], [v for _, v in fixed], marker=marker, label=name)
+            auto = [s for s in chosen if s["width"] == "auto"]
             if auto:
-                ax.axhline(auto[0]["speedup_vs_plain"], linestyle=":", color="grey" if draft == "ngram" else "black",
-                           label=f"{draft} auto")
+                ax.axhline(auto[0]["speedup_vs_plain"], linestyle=":",
+                           color="tab:green" if prediction else "grey" if draft == "ngram" else "black",
+                           label=f"{name} auto")
         ax.axhline(1.0, color="red", linewidth=0.8, label="spectrt plain decoding")
         llamacpp = (peers_of(results).get("llamacpp") or {}).get("workloads", {}).get(workload, {})
         for s, color in zip(llamacpp.get("summaries", []), ("tab:purple", "tab:brown", "tab:olive")):

@@ -82,11 +82,14 @@ class RunSpec:
     draft: str  # none | model | ngram
     width: str | int
     unshaped: bool = False  # plain decoding with the target's calls not shaped for invariance: what shaping costs
+    prediction: bool = False  # the prompt's predicted output drafted first, `draft` where the output leaves it
 
     @property
     def label(self) -> str:
         if self.unshaped:
             return "plain-unshaped"
+        if self.prediction:
+            return "prediction" + ("" if self.draft == "none" else f"+{self.draft}") + f"@{self.width}"
         return "plain" if self.draft == "none" else f"{self.draft}@{self.width}"
 
 
@@ -94,10 +97,12 @@ GRAMMAR_DRAFTS = ("grammar", "grammar+model", "grammar+ngram")
 
 
 def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: bool,
-              constrained: bool = False, has_head: bool = False, shaped: bool = False) -> list[RunSpec]:
+              constrained: bool = False, has_head: bool = False, shaped: bool = False,
+              predicted: bool = False) -> list[RunSpec]:
     """Plain first (and, when the target's calls are shaped for invariance, plain with unshaped calls: the cost of
     the shaping), then each drafter x width. Grammar-forced drafters run on constrained workloads only; there, when
-    --draft names none of them, all that the bundle supports are added."""
+    --draft names none of them, all that the bundle supports are added. A workload whose prompts carry a predicted
+    output (edit) adds, per width, the prediction alone and the prediction before each drafter."""
     drafts = [d for d in config.drafts if constrained or d not in GRAMMAR_DRAFTS]
     if constrained and not any(d in GRAMMAR_DRAFTS for d in drafts):
         drafts += [d for d in GRAMMAR_DRAFTS if has_draft or d != "grammar+model"]
@@ -115,6 +120,9 @@ def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: boo
             if width != "auto" and int(width) not in built_widths:
                 raise ConfigError(f"width {width} was not built into this bundle (built: {list(built_widths)}).")
             specs.append(RunSpec(draft, width if width == "auto" else int(width)))
+    if predicted:
+        widths = [w if w == "auto" else int(w) for w in config.widths]
+        specs += [RunSpec(draft, width, prediction=True) for draft in ("none", *drafts) for width in widths]
     return specs
 
 
@@ -187,6 +195,7 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
     summary = {
         "config": spec.label,
         "draft": spec.draft,
+        "prediction": spec.prediction,
         "width": spec.width,
         "prompts": len(prompt_results),
         "runs": len(runs),
@@ -232,7 +241,10 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
             "schema_valid_runs": sum(v for result in prompt_results.values() for v in result["valid"]),
             "finish_reasons": dict(Counter(r for result in prompt_results.values() for r in result["finish_reasons"])),
         })
-    if spec.draft != "none":
+    if spec.prediction:  # OpenAI's usage fields, summed over the runs
+        summary.update({key: sum(m.get(key, 0) for m in runs) for key in (
+            "prediction_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens")})
+    if spec.draft != "none" or spec.prediction:
         summary["predicted"] = predicted_speedup(runs, plain_runs, spec.width)
         summary["costs"] = drafter_costs(runs, plain_runs)
     return summary
@@ -321,7 +333,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     workloads = {name: load_workload(name, config.prompts) for name in config.workloads}
     schemas = {name: load_schemas(name) for name in config.workloads}
     specs_of = {name: run_specs(config, generator.built_widths, generator.draft is not None, bool(schemas[name]),
-                                has_head, shaped)
+                                has_head, shaped, any(p.prediction for p in workloads[name]))
                 for name in workloads}
     say(f"bundle {config.bundle}: " + "; ".join(f"{name}: {len(specs)} configurations ({', '.join(s.label for s in specs)})"
                                                  for name, specs in specs_of.items())
@@ -339,9 +351,10 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
 
         per_spec: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
         def run(spec: RunSpec, prompt: Prompt):
+            predicted = {"prediction": prompt.prediction} if spec.prediction and prompt.prediction else {}
             with generator.unshaped() if spec.unshaped else contextlib.nullcontext():
                 return generator.generate(**request(prompt), max_new_tokens=config.max_new_tokens, draft=spec.draft,
-                                          width=spec.width, reuse_prefix=config.reuse_prefix)
+                                          width=spec.width, reuse_prefix=config.reuse_prefix, **predicted)
 
         for _ in range(config.warmup):  # warm caches, sessions and the auto scheduler's cost model
             for spec in specs:

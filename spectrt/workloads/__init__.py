@@ -17,9 +17,10 @@ class Prompt:
     id: str
     prompt: str | None = None  # raw text continuation
     messages: tuple[dict, ...] | None = None  # chat, rendered with the bundle's template
+    prediction: str | None = None  # the output expected (an edit's original): a predicted-output drafter's input
 
     def request(self) -> dict:
-        """Keyword arguments for Generator.generate / encode."""
+        """Keyword arguments for Generator.generate / encode (the prediction apart: a baseline runs without it)."""
         return {"prompt": self.prompt} if self.prompt is not None else {"messages": list(self.messages)}
 
 
@@ -46,5 +47,9 @@ def load_workload(name_or_path: str, limit: int | None = None) -> list[Prompt]:
         if ("prompt" in record) == ("messages" in record):
             raise ConfigError(f"{path}:{number} needs exactly one of 'prompt' or 'messages'.")
         messages = tuple(record["messages"]) if "messages" in record else None
-        prompts.append(Prompt(str(record.get("id", f"{path.stem}-{number}")), record.get("prompt"), messages))
+        prediction = record.get("prediction")
+        if prediction is not None and (not isinstance(prediction, str) or not prediction):
+            raise ConfigError(f"{path}:{number}: 'prediction' must be a non-empty string (the expected output).")
+        prompts.append(Prompt(str(record.get("id", f"{path.stem}-{number}")), record.get("prompt"), messages,
+                              prediction))
     return prompts[:limit] if limit else prompts
