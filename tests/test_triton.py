@@ -105,10 +105,11 @@ def test_parse_request_maps_inputs_onto_generate_options():
     kwargs = parse_request({"prompt": text("hi"), "max_tokens": np.array([7], np.int32),
                             "temperature": np.array([0.5], np.float32), "top_p": np.array([0.9], np.float32),
                             "top_k": np.array([5]), "seed": np.array([3]), "stop": text("a", "\n\n"),
-                            "draft": text("ngram"), "width": text("2"), "accept": text("rejection")})
+                            "draft": text("ngram"), "width": text("2"), "accept": text("rejection"),
+                            "prediction": text("def f():\n    return 1\n")})
     assert kwargs == {"prompt": "hi", "max_new_tokens": 7, "temperature": 0.5, "top_p": pytest.approx(0.9),
                       "top_k": 5, "seed": 3, "stop": ("a", "\n\n"), "draft": "ngram", "width": "2",
-                      "accept": "rejection"}
+                      "accept": "rejection", "prediction": "def f():\n    return 1\n"}
     assert all(type(kwargs[k]) is int for k in ("max_new_tokens", "top_k", "seed"))
     assert parse_request({"prompt_ids": np.array([1, 2, 3])}) == {"prompt_ids": [1, 2, 3]}
     messages = [{"role": "user", "content": "hi"}]

@@ -48,6 +48,7 @@ INPUTS = (
     ("draft", "TYPE_STRING", "[ 1 ]"),
     ("width", "TYPE_STRING", "[ 1 ]"),
     ("accept", "TYPE_STRING", "[ 1 ]"),
+    ("prediction", "TYPE_STRING", "[ 1 ]"),
 )
 OUTPUTS = (
     ("text", "TYPE_STRING", "[ 1 ]"),

@@ -45,6 +45,7 @@ SCALAR_INPUTS = {
     "draft": (str, "draft"),
     "width": (str, "width"),
     "accept": (str, "accept"),
+    "prediction": (str, "prediction"),  # a predicted output (runtime/prediction.py)
 }
 
 # Metric families on Triton's metrics port, next to its nv_inference_* families. Names, meanings and
