@@ -137,6 +137,7 @@ def test_bench_reports_ratios_to_llamacpp_plain(smollm2_bundle, workload_file, t
     paths = write_report(results, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert set(data["peers"]) == {"llamacpp"}
+    assert data["peers"]["llamacpp"]["target"].endswith(".gguf") and "/" not in data["peers"]["llamacpp"]["target"]
     peer = data["peers"]["llamacpp"]["workloads"][str(workload_file)]
     for s in data["workloads"][str(workload_file)]["summaries"]:
         assert s["decode_vs_llamacpp_plain"] > 0 and s["ttft_vs_llamacpp_plain"] > 0

@@ -201,8 +201,8 @@ def run_llamacpp_peer(target_gguf: str, draft_gguf: str | None, *, bundle_dir: s
         "tool": "llama.cpp",
         "package": "llama-cpp-python",
         "version": llama_cpp.__version__,
-        "target": target_gguf,
-        "draft": draft_gguf,
+        "target": Path(target_gguf).name,  # file names: results are shared, machine paths are not
+        "draft": Path(draft_gguf).name if draft_gguf else None,
         "precision": "GGUF as stored (llama.cpp's quantized kernels)",
         "threads": threads,
         "n_ctx": n_ctx,
