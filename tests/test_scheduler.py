@@ -265,3 +265,23 @@ def test_a_model_free_drafters_lookup_is_priced_per_round_and_can_make_auto_decl
     assert scheduler.width(limit=100, model_draft=False) == 0  # 4.1 tokens for 4.1 s: plain decoding is faster
     costs.lookup_cost = 0.01  # a cheap lookup (an n-gram index) stays cheap
     assert scheduler.width(limit=100, model_draft=False) == 4
+
+
+def test_sure_tokens_get_the_width_their_verification_cost_pays_for():
+    """An aligned predicted output (`sure` tokens): the widest fitting width before any cost is known; then the width
+    with the most expected tokens per second of verification (the gguf Qwen target's call costs on a 2-core AVX2
+    CPU: 9 rows cost 4.6x one row), never more than the sure tokens or the budget; a fixed width is kept."""
+    scheduler = WidthScheduler((1, 2, 3, 4, 6, 8), "auto")
+    assert scheduler.width(100, model_draft=False, sure=50) == 8
+    assert scheduler.width(100, model_draft=False, sure=5) == 4  # no more than the prediction offers
+    assert scheduler.width(3, model_draft=False, sure=50) == 3  # nor the budget
+    for k, ms in {0: 157, 1: 157, 2: 224, 3: 277, 4: 325, 6: 419, 8: 520}.items():
+        scheduler.costs.record_verify(k, ms / 1000)
+    # expected tokens at 0.9 per token per second of verification: k=4 4.10 / 0.325 s = 12.6 beats k=6 (12.45),
+    # k=3 (12.42), k=1 and 2 (12.1) and k=8 (6.13 / 0.520 s = 11.8)
+    assert scheduler.width(100, model_draft=False, sure=50) == 4
+    cheap = WidthScheduler((1, 2, 4, 8), "auto")
+    for k, ms in {0: 100, 1: 104, 2: 108, 4: 116, 8: 132}.items():  # memory-bound: rows nearly free
+        cheap.costs.record_verify(k, ms / 1000)
+    assert cheap.width(100, model_draft=False, sure=50) == 8
+    assert WidthScheduler((1, 2, 4), 2).width(100, model_draft=False, sure=50) == 2
