@@ -103,7 +103,7 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         lag = drafter.behind(tokens)
         sure = drafter.sure(tokens) if hasattr(drafter, "sure") else 0  # an aligned predicted output
         k = scheduler.width(min(max_new_tokens - metrics.generated_tokens - 1, context_left), drafter.uses_model, lag,
-                            sure)
+                            sure=sure)
         t1 = now()
         if k:
             drafter.catch_up(tokens)

@@ -118,7 +118,7 @@ class ScriptedWidths(WidthScheduler):
         super().__init__((1, 2, 3), "auto")
         self.script = list(widths)
 
-    def width(self, limit, model_draft=True, draft_lag=0):
+    def width(self, limit, model_draft=True, draft_lag=0, sure=0):
         return min(self.script.pop(0), limit)
 
 
