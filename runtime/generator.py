@@ -49,8 +49,8 @@ class GenerateConfig:
     grammar: str | None = None  # a Lark grammar (llguidance syntax) with a `start` rule
     choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
     # predicted output (OpenAI's `prediction`): text the output is expected to repeat, e.g. the file an edit
-    # changes; drafted first, `draft` proposes where the output leaves it (runtime/prediction.py)
-    prediction: str | None = None
+    # changes, or its token ids; drafted first, `draft` proposes where the output leaves it (runtime/prediction.py)
+    prediction: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -70,9 +70,15 @@ class GenerateConfig:
                                       or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
-        if self.prediction is not None and (not isinstance(self.prediction, str) or not self.prediction):
+        if self.prediction is not None and not isinstance(self.prediction, str):
+            try:  # token ids
+                object.__setattr__(self, "prediction", tuple(int(t) for t in self.prediction))
+            except (TypeError, ValueError):
+                raise GenerationError("prediction must be a non-empty string (the text the output is expected to "
+                                      "repeat), its token ids, or None.") from None
+        if self.prediction is not None and not self.prediction:
             raise GenerationError("prediction must be a non-empty string (the text the output is expected to "
-                                  "repeat), or None.")
+                                  "repeat), its token ids, or None.")
         spec = constraint_spec(self.json_schema, self.regex, self.grammar, self.choice)  # validates the form
         if spec is not None and spec.kind == "json_schema":
             object.__setattr__(self, "json_schema", spec.source)  # JSON text: the frozen config holds no dict
@@ -413,7 +419,11 @@ class Generator:
         drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
                                target=self.target)
         if config.prediction is not None:
-            predicted = self.tokenizer.tokenizer.encode(config.prediction, add_special_tokens=False).ids
+            predicted = (self.tokenizer.tokenizer.encode(config.prediction, add_special_tokens=False).ids
+                         if isinstance(config.prediction, str) else list(config.prediction))
+            vocab = self.manifest.target.logits_vocab
+            if any(not 0 <= t < vocab for t in predicted):
+                raise GenerationError(f"prediction token ids must lie in 0..{vocab - 1}.")
             drafter = PredictionDrafter(predicted, drafter)
         width = 0 if config.draft == "none" and config.prediction is None else config.width
         WidthScheduler(self.built_widths, width)  # validates the width now

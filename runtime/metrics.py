@@ -57,8 +57,8 @@ class RequestMetrics:
     pad_guesses_accepted: int = 0  # guesses the target confirmed: tokens gained from the padding
     seed: int | None = None  # the sampling seed used (drawn when the request passed none); None = greedy
     prediction_tokens: int = 0  # a predicted output's tokens (0: no prediction)
-    accepted_prediction_tokens: int = 0  # of them, accepted as drafted (OpenAI's usage field of that name)
-    rejected_prediction_tokens: int = 0  # the others: proposed and refused, or never reached
+    accepted_prediction_tokens: int = 0  # of them, in the output where it followed the prediction (OpenAI's field)
+    rejected_prediction_tokens: int = 0  # the others
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # drafting, including draft_catchup_seconds

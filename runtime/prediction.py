@@ -8,8 +8,9 @@ draft model, or none) proposes instead. The target verifies every token, so outp
 whatever the prediction says (greedy; sampling keeps the target's distribution: a prediction is a point-mass
 draft).
 
-Counts follow OpenAI's usage fields: `accepted` = prediction tokens the target accepted as drafted;
-`rejected` = the prediction's other tokens (proposed and refused, or never reached).
+Counts follow OpenAI's usage fields: `accepted` = prediction tokens that appeared in the output where the output
+followed the prediction (drafted and accepted, or the target's own token equal to the prediction's); `rejected` =
+the prediction's other tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class PredictionDrafter:
         for n in range(ANCHOR_MIN, ANCHOR_MAX + 1):
             for end in range(n, len(self.prediction) + 1):
                 self.index.setdefault(tuple(self.prediction[end - n:end]), []).append(end)
-        self.accepted_tokens = 0  # prediction tokens the target accepted as drafted
+        self.accepted_tokens = 0  # prediction tokens the output followed
         self.proposed_tokens = 0
         self._reset_alignment()
 
@@ -93,7 +94,6 @@ class PredictionDrafter:
 
     def accepted(self, tokens, proposal_len, accepted) -> None:
         if self.from_prediction:
-            self.accepted_tokens += min(accepted, self.from_prediction)
             self.fallback.accepted(tokens, 0, 0)  # it proposed nothing this round
         else:
             self.fallback.accepted(tokens, proposal_len, accepted)
@@ -118,6 +118,7 @@ class PredictionDrafter:
             if self.cursor is not None and self.cursor < len(self.prediction) and self.prediction[self.cursor] == token:
                 self.cursor += 1
                 self.last_cursor = self.cursor
+                self.accepted_tokens += 1
                 self.anchor += SURE_ANCHOR // SURE_FOLLOWED  # each token followed confirms the alignment
             else:
                 self.cursor = None

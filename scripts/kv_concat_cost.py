@@ -5,7 +5,7 @@ Concat nodes' kernel time in all kernel time.
 
     python scripts/kv_concat_cost.py BUNDLE [target|draft]
 """
-import json, sys, time, glob, os
+import json, sys, time, os
 import numpy as np
 import onnxruntime as ort
 

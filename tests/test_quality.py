@@ -118,6 +118,10 @@ def test_reference_cache_hit_and_invalidated_by_the_text(tiny_bundle, tiny_llama
     changed = _tiny_eval(tiny_bundle, tiny_llama_pair[0], texts=(str(text),), tokens=120)
     assert changed["texts"]["essay"]["engines"]["reference"]["cached"] is False
     narrower = _tiny_eval(tiny_bundle, tiny_llama_pair[0], texts=(str(text),), tokens=120, window=40)
+    # results name files, never machine paths (they get shared and committed)
+    dumped = json.dumps(narrower, default=str)
+    assert not any(str(path) in dumped for path in (tmp_path, tiny_bundle, tiny_llama_pair[0]))
+    assert narrower["texts"]["essay"]["origin"] == "file:essay.txt" and narrower["bundle"] == tiny_bundle.name
     assert narrower["texts"]["essay"]["engines"]["reference"]["cached"] is False  # another window scheme
 
 

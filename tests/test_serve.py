@@ -216,7 +216,7 @@ def test_eight_clients_get_their_sequential_results_and_metrics_add_up(tiny_serv
     ({"prompt": list(range(1, 300))}, 400, "prompt"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ({"max_tokens": 3}, 400, "prompt"),
-    ({"prompt": "hi", "prediction": {"type": "text", "content": "x"}}, 400, "prediction"),
+    ({"prompt": "hi", "prediction": {"type": "text", "content": "x"}}, 400, "prediction.type"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(tiny_server, body, status, param):
     response = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", **body}, timeout=30)

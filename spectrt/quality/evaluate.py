@@ -22,7 +22,7 @@ from .errors import QualityError
 from .reference import ReferenceModel, Source, reference_scores, resolve_source
 from .scoring import (DEFAULT_TOP_K, EngineAccumulator, PositionScores, Window, WindowScheme, default_scheme,
                       make_windows, scored_true_ids)
-from .texts import load_text
+from .texts import SHIPPED, load_text
 
 REFERENCE_MODES = ("auto", "transformers", "none")
 DEFAULT_TOKENS = 4096
@@ -250,9 +250,11 @@ def evaluate(config: EvalConfig, say: Callable[[str], None] = lambda m: None,
         (workloads_out if body.kind == "workload" else texts_out)[body.name] = entry
 
     out = {
-        "bundle": str(config.bundle),
+        "bundle": Path(config.bundle).name,  # names, never machine paths: results get shared and committed
         "bundle_name": manifest.name,
-        "config": asdict(config) | {"texts": list(config.texts),
+        "config": asdict(config) | {"texts": [t if t in SHIPPED else Path(t).name for t in config.texts],
+                                     "bundle": Path(config.bundle).name,
+                                     "source": Path(config.source).name if config.source else None,
                                      "out": Path(config.out).name if config.out else None},
         "target": {"precision": manifest.target.precision, "quantization": manifest.target.raw.get("quantization"),
                    "max_context": manifest.target.max_context},

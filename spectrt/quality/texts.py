@@ -17,7 +17,7 @@ MAX_BYTES = 8 << 20  # a text file beyond this is surely a mistake (the evaluati
 @dataclass(frozen=True)
 class EvalText:
     name: str  # the shipped name, or the file's stem
-    origin: str  # "shipped:<name>" or the path given
+    origin: str  # "shipped:<name>" or "file:<file name>" (never a machine path: results get shared)
     text: str
 
     @property
@@ -42,4 +42,4 @@ def load_text(name_or_path: str) -> EvalText:
         raise QualityError(f"text file '{path}' is not UTF-8 ({exc}).") from exc
     if not text.strip():
         raise QualityError(f"text file '{path}' is empty.")
-    return EvalText(path.stem, str(path), text)
+    return EvalText(path.stem, f"file:{path.name}", text)

@@ -59,6 +59,13 @@ class Prediction(BaseModel):
     type: Literal["content"]
     content: Union[str, list[TextPart]]
 
+    @field_validator("content")
+    @classmethod
+    def _not_empty(cls, value: Union[str, list[TextPart]]) -> Union[str, list[TextPart]]:
+        if not (value if isinstance(value, str) else "".join(part.text for part in value)):
+            raise ValueError("prediction content is empty")
+        return value
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
@@ -105,8 +112,6 @@ class SamplingFields(BaseModel):
             given.insert(0, "response_format")
         if len(given) > 1:
             raise ValueError(f"pass at most one constraint (got {', '.join(given)})")
-        if self.prediction is not None and not self.prediction.text():
-            raise ValueError("prediction content is empty")
         return self
 
     @field_validator("stop")
