@@ -70,15 +70,15 @@ class GenerateConfig:
                                       or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
-        if self.prediction is not None and not isinstance(self.prediction, str):
-            try:  # token ids
-                object.__setattr__(self, "prediction", tuple(int(t) for t in self.prediction))
+        if self.prediction is not None:
+            try:  # text, or token ids (kept as a tuple: the config is frozen)
+                if not isinstance(self.prediction, str):
+                    object.__setattr__(self, "prediction", tuple(int(t) for t in self.prediction))
+                if not self.prediction:
+                    raise ValueError("empty")
             except (TypeError, ValueError):
                 raise GenerationError("prediction must be a non-empty string (the text the output is expected to "
                                       "repeat), its token ids, or None.") from None
-        if self.prediction is not None and not self.prediction:
-            raise GenerationError("prediction must be a non-empty string (the text the output is expected to "
-                                  "repeat), its token ids, or None.")
         spec = constraint_spec(self.json_schema, self.regex, self.grammar, self.choice)  # validates the form
         if spec is not None and spec.kind == "json_schema":
             object.__setattr__(self, "json_schema", spec.source)  # JSON text: the frozen config holds no dict

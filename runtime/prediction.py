@@ -41,7 +41,6 @@ class PredictionDrafter:
             for end in range(n, len(self.prediction) + 1):
                 self.index.setdefault(tuple(self.prediction[end - n:end]), []).append(end)
         self.accepted_tokens = 0  # prediction tokens the output followed
-        self.proposed_tokens = 0
         self._reset_alignment()
 
     def _reset_alignment(self) -> None:
@@ -85,7 +84,6 @@ class PredictionDrafter:
                 proposal = proposal[:picker.constraint.fork().valid_prefix(proposal)]
             if proposal:
                 self.from_prediction = len(proposal)
-                self.proposed_tokens += len(proposal)
                 return np.asarray(proposal, dtype=np.int64), None  # a point-mass draft
         self.fallback.catch_up(tokens)
         proposal, draft_probs = self.fallback.propose(tokens, k, picker)

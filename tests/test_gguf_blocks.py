@@ -15,6 +15,7 @@ from spectrt.compiler.gguf_blocks import (  # noqa: E402
     CORRECTION_BLOCK, LAYOUTS, BlockWeight, block_weight, block_weight_from_raw, dequantize_representation,
     onnx_linear)
 from spectrt.errors import ModelLoadError  # noqa: E402
+from spectrt.plan.shapes import GGUF_BLOCKS, GGUF_CORRECTION_BLOCK  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf.quants.quantize implements among ours
@@ -37,11 +38,18 @@ def random_weights(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 def check_exact(raw: np.ndarray, qtype: str, n: int, k: int, **kwargs) -> BlockWeight:
     weight = block_weight_from_raw(raw, qtype, n, k, **kwargs)
+    # `spectrt plan` keeps its own copy of the layouts (it must not import the compiler): it is what is built
+    assert (weight.bits, weight.block_size, weight.correction is not None) == GGUF_BLOCKS[qtype]
     assert weight.packed.shape == (n, k // weight.block_size, weight.block_size * weight.bits // 8)
     assert weight.scales.shape == (n, k // weight.block_size) and weight.scales.dtype == np.float32
     assert weight.correction is None or weight.correction.shape == (n, k // CORRECTION_BLOCK)
     assert_bits_equal(dequantize_representation(weight), gguf.quants.dequantize(raw, T[qtype]))
     return weight
+
+
+def test_the_planners_copy_of_the_layouts_covers_every_type():
+    assert set(GGUF_BLOCKS) == set(LAYOUTS) and GGUF_CORRECTION_BLOCK == CORRECTION_BLOCK
+    assert all(GGUF_BLOCKS[t][:2] == LAYOUTS[t][:2] for t in LAYOUTS)
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE)

@@ -423,7 +423,6 @@ def check_quality_source(config: BenchConfig, manifest_raw: dict[str, Any]) -> N
     """--quality needs the target's source model (the reference); refused before any work when it is not found."""
     from spectrt.quality import QualityError
     from spectrt.quality.reference import resolve_source
-
     from spectrt.quality.texts import load_text
 
     try:

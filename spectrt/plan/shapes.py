@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from spectrt.runtime.backends.device_plan import DTYPE_BYTES, ModelGeometry, Profile, fixed_step_rows
 from spectrt.runtime.errors import ConfigError
@@ -22,6 +23,9 @@ GGUF_BLOCKS: dict[str, tuple[int, int, bool]] = {
     "Q8_0": (8, 32, False), "Q4_K": (4, 32, True), "Q5_K": (8, 32, True), "Q6_K": (8, 16, False),
 }
 GGUF_CORRECTION_BLOCK = 32
+
+# how one projection is stored: (parts: (GGUF tensor name, rows) stacked along the rows, K) -> (kind, tensor bytes)
+Projection = Callable[[list[tuple[str, int]], int], list[tuple[str, tuple[int, ...]]]]
 
 
 # -- models ---------------------------------------------------------------------------------------------------------
@@ -80,48 +84,63 @@ class ModelShape:
         embeddings) stays memory-mapped from the file, resident only where rows are read, a "shared" table (tied
         embeddings and output layer) is read by both, "small" tensors (norms, biases, rope tables) are held as is."""
         if self.quantize == "gguf":
-            return self._gguf_weights()
+            tables, project = self._gguf_storage()
+        else:
+            tables, project = self._block_storage()
+        return tables + self._decoder_weights(project)
+
+    def _decoder_weights(self, project: "Projection") -> list[tuple[str, tuple[int, ...]]]:
+        """Rope tables, every layer's norms, projections and bias, the final norm, in compiler/onnx_graph.py's order;
+        `project(parts, k)` stores one projection: the weights `parts` ((GGUF tensor name, rows)) stacked, input K."""
         b = DTYPE_BYTES[self.precision]
-        weights: list[tuple[str, tuple[int, ...]]] = []
+        h, heads, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        weights = [("small", (self.max_context * self.head_dim * b,))] * 2  # rope cos, sin
+        for i in range(self.num_layers):
+            blk = f"blk.{i}"
+            weights.append(("small", (h * b,)))  # input norm
+            weights += project([(f"{blk}.attn_q.weight", heads), (f"{blk}.attn_k.weight", kv),
+                                (f"{blk}.attn_v.weight", kv)], h)
+            if self.attention_bias:
+                weights.append(("small", ((heads + 2 * kv) * b,)))
+            weights += project([(f"{blk}.attn_output.weight", h)], heads)
+            weights.append(("small", (h * b,)))  # post-attention norm
+            weights += project([(f"{blk}.ffn_gate.weight", self.intermediate_size),
+                                (f"{blk}.ffn_up.weight", self.intermediate_size)], h)  # gate and up, one matrix
+            weights += project([(f"{blk}.ffn_down.weight", h)], self.intermediate_size)
+        weights.append(("small", (h * b,)))  # final norm
+        return weights
 
-        def table_int8(kind: str, rows: int, k: int) -> None:  # int8 blocks: uint8 levels, scales
-            weights.append((kind, (rows * k, rows * (k // self.block_size) * b)))
+    def _block_storage(self) -> tuple[list[tuple[str, tuple[int, ...]]], "Projection"]:
+        """Float weights, or spectrt's int8/int4 blocks (the output layer, and the embeddings read from it, int8):
+        the embedding/output tables and how one projection is stored."""
+        b = DTYPE_BYTES[self.precision]
 
-        def linear(n: int, k: int) -> None:  # y = x @ W^T, W [N, K]
+        def table_int8(kind: str, rows: int, k: int) -> tuple[str, tuple[int, ...]]:  # uint8 levels, scales
+            return kind, (rows * k, rows * (k // self.block_size) * b)
+
+        def project(parts: list[tuple[str, int]], k: int) -> list[tuple[str, tuple[int, ...]]]:
+            n = sum(rows for _, rows in parts)  # y = x @ W^T, W [N, K]: the parts stacked into one matrix
             if not self.quantized:
-                weights.append(("float", (n * k * b,)))
-                return
+                return [("float", (n * k * b,))]
             bits = 8 if self.quantize == "int8" else 4
             blocks = k // self.block_size
             tensors = (n * blocks * self.block_size * bits // 8, n * blocks * b)
             if bits == 4:
                 tensors += (n * math.ceil(blocks / 2),)  # zero points, two per byte
-            weights.append((f"int{bits}", tensors))
+            return [(f"int{bits}", tensors)]
 
         shared = self.tie_word_embeddings and self.output_rows == self.vocab  # one table: embeddings and output layer
-        if self.quantized:  # the output layer (and the embeddings read from it) stay int8 blocks
-            table_int8("shared" if shared else "int8", self.output_rows, self.hidden_size)
+        if self.quantized:
+            tables = [table_int8("shared" if shared else "int8", self.output_rows, self.hidden_size)]
             if not shared:
-                table_int8("table", self.vocab, self.hidden_size)
+                tables.append(table_int8("table", self.vocab, self.hidden_size))
         else:
-            weights.append(("shared" if shared else "table", (self.vocab * self.hidden_size * b,)))
+            tables = [("shared" if shared else "table", (self.vocab * self.hidden_size * b,))]
             if not shared:
-                weights.append(("float", (self.output_rows * self.hidden_size * b,)))
-        weights += [("small", (self.max_context * self.head_dim * b,))] * 2  # rope cos, sin
-        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        for _ in range(self.num_layers):
-            weights.append(("small", (self.hidden_size * b,)))  # input norm
-            linear(qkv, self.hidden_size)
-            if self.attention_bias:
-                weights.append(("small", (qkv * b,)))
-            linear(self.hidden_size, self.num_heads * self.head_dim)
-            weights.append(("small", (self.hidden_size * b,)))  # post-attention norm
-            linear(2 * self.intermediate_size, self.hidden_size)  # gate and up, one matrix
-            linear(self.hidden_size, self.intermediate_size)
-        weights.append(("small", (self.hidden_size * b,)))  # final norm
-        return weights
+                tables.append(("float", (self.output_rows * self.hidden_size * b,)))
+        return tables, project
 
-    def _gguf_weights(self) -> list[tuple[str, tuple[int, ...]]]:
+    def _gguf_storage(self) -> tuple[list[tuple[str, tuple[int, ...]]], "Projection"]:
         """quantize = "gguf" (compiler/onnx_graph.py's gguf path, fp32 graphs): each GGUF tensor as stored (codes,
         fp32 scales, an fp32 correction where the type has a block minimum; 4-bit zero points folded into it, as
         the build does wherever that is exact), float tensors as fp32; the consecutive weights of one projection
@@ -130,7 +149,6 @@ class ModelShape:
             raise ConfigError("a gguf-quantized model needs its GGUF tensor types to be planned (the source must be "
                               "a .gguf file; a bundle records them in its manifest).")
         types = dict(self.gguf_types)
-        h = self.hidden_size
 
         def form(name: str) -> tuple[int, int, bool] | None:  # None: a float tensor
             qtype = types.get(name)
@@ -155,29 +173,13 @@ class ModelShape:
                     runs.append([shape, rows])
             return [tensors(shape, rows, k) for shape, rows in runs]
 
+        h = self.hidden_size
         shared = self.tie_word_embeddings and self.output_rows == self.vocab
-        embed = tensors(form("token_embd.weight"), self.vocab, h)
-        weights = [("shared" if shared else "table", embed[1])]
+        tables = [("shared" if shared else "table", tensors(form("token_embd.weight"), self.vocab, h)[1])]
         if not shared:
-            head = tensors(form("token_embd.weight" if self.tie_word_embeddings else "output.weight"),
-                           self.output_rows, h)
-            weights.append(head)
-        weights += [("small", (self.max_context * self.head_dim * 4,))] * 2  # rope cos, sin
-        heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        for i in range(self.num_layers):
-            blk = f"blk.{i}"
-            weights.append(("small", (h * 4,)))  # input norm
-            weights += project([(f"{blk}.attn_q.weight", heads), (f"{blk}.attn_k.weight", kv),
-                                (f"{blk}.attn_v.weight", kv)], h)
-            if self.attention_bias:
-                weights.append(("small", ((heads + 2 * kv) * 4,)))
-            weights += project([(f"{blk}.attn_output.weight", h)], heads)
-            weights.append(("small", (h * 4,)))  # post-attention norm
-            weights += project([(f"{blk}.ffn_gate.weight", self.intermediate_size),
-                                (f"{blk}.ffn_up.weight", self.intermediate_size)], h)
-            weights += project([(f"{blk}.ffn_down.weight", h)], self.intermediate_size)
-        weights.append(("small", (h * 4,)))  # final norm
-        return weights
+            tables.append(tensors(form("token_embd.weight" if self.tie_word_embeddings else "output.weight"),
+                                  self.output_rows, h))
+        return tables, project
 
     def data_file_bytes(self) -> int:
         """Size of the external-data file compiler/onnx_graph.py writes: every tensor starts on a page."""
