@@ -14,7 +14,7 @@ alone, stops the proposal there).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from spectrt.runtime.errors import GenerationError
 
 from .constraints import ConstraintMetrics, MatcherView
 from .picker import TokenPicker
+from .suffix_cache import CacheView
+
+Reader = Callable[[int, int, list[int]], "int | None"]  # (start, offset, drafted) -> a candidate's next token
 
 DRAFTERS = ("model", "head", "ngram", "none", "grammar", "grammar+model", "grammar+ngram")
 
@@ -89,14 +92,18 @@ class NgramDrafter:
       so far, shrunk towards a prior; the draft stops where the chance that all its tokens are accepted (the
       product) falls below `min_confidence`. Rates are learned from the committed tokens, the first token after a
       draft included, so a kind of match the width left out is still judged.
-    Deterministic: a proposal depends on the committed tokens and the widths of earlier rounds only.
+    - Across requests (`cache`, a `suffix_cache.CacheView`): where earlier requests' prompts and outputs match the
+      end of the sequence further back than the request itself does, their continuations vote instead (kinds of
+      match `cache-...`, hit rates kept apart); a continuation stops at the end of the earlier sequence.
+    Deterministic: a proposal depends on the committed tokens, the widths of earlier rounds and (with a cache) the
+    requests the cache holds.
     """
 
     uses_model = False
     draft_steps = 0
 
     def __init__(self, max_ngram: int = 16, min_ngram: int = 1, grammar_forced: bool = False, max_candidates: int = 32,
-                 min_confidence: float = 0.2):
+                 min_confidence: float = 0.2, cache: CacheView | None = None):
         assert 1 <= min_ngram <= max_ngram and max_candidates >= 1 and 0.0 <= min_confidence <= 1.0
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
@@ -105,6 +112,7 @@ class NgramDrafter:
         self.min_confidence = min_confidence
         self.forced = ForcedRuns() if grammar_forced else None
         self.name = "grammar+ngram" if grammar_forced else "ngram"
+        self.cache = cache
         self._reset()
 
     def _reset(self) -> None:
@@ -220,7 +228,7 @@ class NgramDrafter:
         """Up to k tokens continuing the indexed sequence, as confident as `min_confidence` asks; under a constraint,
         the prefix of them it allows, or if it allows none, the allowed prefix of the latest continuation that has
         one (as plain prompt lookup would)."""
-        drafted, kinds, candidates = self._draft(k)
+        drafted, kinds, candidates, read = self._draft(k)
         if drafted:
             self._drafts.append((len(self._tokens), drafted, kinds))
         follow = self._confident(drafted, kinds)
@@ -230,7 +238,12 @@ class NgramDrafter:
         if allowed:
             return follow[:allowed]
         for start in reversed(candidates):
-            other = [self._token_at(start + i, follow[:i]) for i in range(len(follow))]
+            other: list[int] = []
+            for _ in follow:
+                token = read(start, len(other), other)
+                if token is None:
+                    break
+                other.append(token)
             allowed = walk.valid_prefix(other)
             if allowed:
                 return other[:allowed]
@@ -241,43 +254,64 @@ class NgramDrafter:
         sequence = self._tokens
         return sequence[position] if position < len(sequence) else drafted[position - len(sequence)]
 
-    def _draft(self, k: int) -> tuple[list[int], list[tuple[str, int]], list[int]]:
-        """Up to k tokens voted by the latest occurrences of the longest matching suffix, each with its kind of match;
-        and those occurrences (the positions that followed them)."""
+    def _draft(self, k: int) -> tuple[list[int], list[tuple[str, int]], list[int], Reader]:
+        """Up to k tokens voted by the latest occurrences of the longest matching suffix (in the request, or in the
+        cache where that matches further back), each with its kind of match; those occurrences (the positions that
+        followed them) and how to read on from one."""
         sequence = self._tokens
         length = len(sequence)
-        for n in range(min(self.indexed_ngram, length - 1), self.min_ngram - 1, -1):
-            occurrences = self._index.get(tuple(sequence[length - n :]))
+        n, candidates = 0, []
+        for size in range(min(self.indexed_ngram, length - 1), self.min_ngram - 1, -1):
+            occurrences = self._index.get(tuple(sequence[length - size :]))
             if occurrences:
+                n, candidates = size, occurrences[-self.max_candidates :]
                 break
-        else:
-            return [], [], []
-        candidates = occurrences[-self.max_candidates :]
         if n == self.indexed_ngram < self.max_ngram:  # the longest indexed n-gram: keep those that match longest
             further = [_common_suffix(sequence, start - n, length - n, self.max_ngram - n) for start in candidates]
             longest = max(further)
             candidates = [start for start, extra in zip(candidates, further) if extra == longest]
             n += longest
+        cached = self.cache.match(sequence) if self.cache is not None and length else None
+        if cached is not None and cached.length > n:  # an earlier request matches further back
+            store = self.cache
+            drafted, kinds = self._vote(k, cached.positions, cached.length, store.read, "cache-")
+            return drafted, kinds, cached.positions, store.read
+        if not candidates:
+            return [], [], [], self._read
+        drafted, kinds = self._vote(k, candidates, n, self._read, "")
+        return drafted, kinds, candidates, self._read
+
+    def _read(self, start: int, offset: int, drafted: list[int]) -> int:
+        """The token `offset` after position `start` of the request, reading on into `drafted` past its end."""
+        return self._token_at(start + offset, drafted)
+
+    def _vote(self, k: int, candidates: list[int], n: int, read: Reader, source: str):
+        """Token by token, the continuation most candidates agree on (a tie: the latest's), and its kinds of match."""
         agreeing = candidates
         drafted: list[int] = []
         kinds: list[tuple[str, int]] = []
         while len(drafted) < k:
             votes: dict[int, list[int]] = {}
             for start in agreeing:
-                votes.setdefault(self._token_at(start + len(drafted), drafted), []).append(start)
+                token = read(start, len(drafted), drafted)
+                if token is not None:  # None: an earlier request's sequence ended here
+                    votes.setdefault(token, []).append(start)
+            if not votes:
+                break
             token, backers = max(votes.items(), key=lambda item: (len(item[1]), item[1][-1]))
             support = "single" if len(agreeing) == 1 else "agreed" if len(backers) == len(agreeing) else "contested"
-            kinds.append((support, _match_bucket(n + len(drafted))))
+            kinds.append((source + support, _match_bucket(n + len(drafted))))
             drafted.append(token)
             agreeing = backers
-        return drafted, kinds, candidates
+        return drafted, kinds
 
     def _confident(self, drafted: list[int], kinds: list[tuple[str, int]]) -> list[int]:
         """The longest prefix of `drafted` whose tokens are all accepted with a chance of at least min_confidence."""
         chance = 1.0
         for i, kind in enumerate(kinds):
             accepted, judged = self._rates.get(kind, (0, 0))
-            chance *= (accepted + _PRIOR_WEIGHT * _MATCH_PRIOR[kind]) / (judged + _PRIOR_WEIGHT)
+            prior = _MATCH_PRIOR[(kind[0].removeprefix("cache-"), kind[1])]  # the same prior across requests
+            chance *= (accepted + _PRIOR_WEIGHT * prior) / (judged + _PRIOR_WEIGHT)
             if chance < self.min_confidence:
                 return drafted[:i]
         return drafted
@@ -471,14 +505,16 @@ def _point_mass(vocab: int, token: int) -> np.ndarray:
     return row
 
 
-def make_drafter(kind: str, draft_decoder=None, constrained: bool = False, head=None, target=None) -> Drafter:
+def make_drafter(kind: str, draft_decoder=None, constrained: bool = False, head=None, target=None,
+                 cache: CacheView | None = None) -> Drafter:
+    """The drafter `kind` names; `cache`: earlier requests the n-gram drafters look up too."""
     if kind.startswith("grammar") and not constrained:
         raise GenerationError(f"draft '{kind}' proposes what a constraint forces; pass json_schema, regex, grammar "
                               f"or choice, or use draft model, ngram or none.")
     if kind == "none":
         return NoDrafter()
     if kind in ("ngram", "grammar+ngram"):
-        return NgramDrafter(grammar_forced=kind == "grammar+ngram")
+        return NgramDrafter(grammar_forced=kind == "grammar+ngram", cache=cache)
     if kind in ("model", "grammar+model"):
         if draft_decoder is None:
             raise GenerationError("this bundle has no draft model; use --draft ngram, grammar+ngram or none.")

@@ -23,6 +23,7 @@ from .picker import ACCEPT_RULES, TokenPicker
 from .prediction import PredictionDrafter
 from .sampling import random_seed
 from .scheduler import CostModel, LongRunAcceptance, WidthScheduler
+from .suffix_cache import DEFAULT_MAX_TOKENS, CacheView, SuffixCache
 from .text import BundleTokenizer, IncrementalDecoder, StopMatcher
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -51,6 +52,11 @@ class GenerateConfig:
     # predicted output (OpenAI's `prediction`): text the output is expected to repeat, e.g. the file an edit
     # changes, or its token ids; drafted first, `draft` proposes where the output leaves it (runtime/prediction.py)
     prediction: str | tuple[int, ...] | None = None
+    # the suffix cache across requests (runtime/suffix_cache.py): with it, the n-gram drafter also drafts from
+    # earlier requests' prompts and outputs, and this request is remembered for later ones; the key names the
+    # partition (tenant) it reads and writes ('' = the shared one). Output is the same either way.
+    suffix_cache: bool = True
+    suffix_cache_key: str = ""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -70,6 +76,10 @@ class GenerateConfig:
                                       or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in 0..2**63-1 (got {self.seed!r}).")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
+        if not isinstance(self.suffix_cache, bool):
+            raise GenerationError(f"suffix_cache must be true or false (got {self.suffix_cache!r}).")
+        if not isinstance(self.suffix_cache_key, str) or len(self.suffix_cache_key) > 256:
+            raise GenerationError("suffix_cache_key must be a string of at most 256 characters (a tenant's name).")
         if self.prediction is not None:
             try:  # text, or token ids (kept as a tuple: the config is frozen)
                 if not isinstance(self.prediction, str):
@@ -209,16 +219,23 @@ class Generator:
     one thread.
     Costs measured by the `auto` width scheduler persist across requests; acceptance is estimated per
     request, seeded by what earlier `auto` requests of the same drafter and sampling settings saw.
+    Finished requests are remembered in a bounded suffix cache (`suffix_cache_tokens` tokens; 0: none) that the
+    n-gram drafter of later requests looks up (`suffix_cache` / `suffix_cache_key` per request).
     """
 
     def __init__(self, bundle: str | Path, *, backend: str = "auto", threads: int = 0, provider: str = "auto",
-                 verify: str = "cached", load_draft: bool = True, invariance: str = "measure"):
+                 verify: str = "cached", load_draft: bool = True, invariance: str = "measure",
+                 suffix_cache_tokens: int = DEFAULT_MAX_TOKENS):
         if backend not in BACKENDS:
             raise GenerationError(f"backend '{backend}' unknown; choose one of {', '.join(BACKENDS)}.")
         if verify not in ("full", "cached", "none"):
             raise GenerationError("verify must be 'full', 'cached' or 'none'.")
         if invariance not in INVARIANCE_MODES:
             raise GenerationError(f"invariance must be one of {', '.join(INVARIANCE_MODES)} (got {invariance!r}).")
+        if isinstance(suffix_cache_tokens, bool) or not isinstance(suffix_cache_tokens, int) or suffix_cache_tokens < 0:
+            raise GenerationError(f"suffix_cache_tokens must be an integer >= 0 (0: no cache; got "
+                                  f"{suffix_cache_tokens!r}).")
+        self.suffix_cache = SuffixCache(suffix_cache_tokens) if suffix_cache_tokens else None
         self.manifest = read_manifest(bundle)
         if verify != "none":
             verify_files(self.manifest, cache=(verify == "cached"))  # ends with check_external_data
@@ -416,8 +433,10 @@ class Generator:
             raise GenerationError("the draft head reads the target's features, which this backend does not return "
                                   "(only the ONNX Runtime CPU path does so far); use --provider cpu, or another "
                                   "drafter.")
+        cache = (CacheView(self.suffix_cache, config.suffix_cache_key)
+                 if self.suffix_cache is not None and config.suffix_cache else None)
         drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
-                               target=self.target)
+                               target=self.target, cache=cache)
         if config.prediction is not None:
             predicted = (self.tokenizer.tokenizer.encode(config.prediction, add_special_tokens=False).ids
                          if isinstance(config.prediction, str) else list(config.prediction))
@@ -460,6 +479,7 @@ class Generator:
         state = LoopState()
         decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
         stopper = StopMatcher(config.stop)
+        output_ids: list[int] = []  # what the suffix cache remembers of this request
         tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
                                     picker=picker, eos_ids=constraint.eos_ids if constraint else self.eos_ids,
                                     metrics=metrics, state=state,
@@ -467,6 +487,7 @@ class Generator:
                                     pad_guesses=self.pad_guesses)
         try:
             for token in tokens:
+                output_ids.append(token)
                 text, stopped = stopper.feed(decoder.push(token))
                 if stopped:
                     state.finish_reason = "stop"  # this chunk carries the text before the stop string
@@ -475,6 +496,8 @@ class Generator:
                     break
         finally:
             tokens.close()
+            if self.suffix_cache is not None and config.suffix_cache:  # a cancelled request's output counts too
+                self.suffix_cache.add(prompt_ids, output_ids, config.suffix_cache_key)
         tail = ""
         if state.finish_reason != "stop":
             tail, stopped = stopper.feed(decoder.flush())
