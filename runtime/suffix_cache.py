@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_MAX_TOKENS = 1 << 17  # 131,072 tokens: 6.5 MiB of ring, at most 38 MiB of index (`max_bytes`)
+DEFAULT_MAX_TOKENS = 1 << 17  # 131,072 tokens: 6.5 MiB of ring; 50 MiB in all at most (`max_bytes`)
 ANCHORS = (3, 12)  # context lengths indexed; a lookup tries the longest first
 MAX_MATCH = 64  # longest common context compared
 MAX_CANDIDATES = 64  # latest occurrences of an anchor examined per lookup

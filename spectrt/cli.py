@@ -235,6 +235,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SUFFIX_CACHE_TOKENS = 1 << 17  # runtime.suffix_cache.DEFAULT_MAX_TOKENS, kept here so start-up imports no numpy
 INVARIANCE_OPTION = click.option(
     "--invariance", type=click.Choice(["measure", "off"]), default="measure", show_default=True,
     help="measure: check on this machine which row counts give the target's rows the same logits (seconds, cached) "
@@ -551,10 +552,14 @@ def format_metrics(metrics: dict[str, Any], finish_reason: str | None) -> str:
 @click.option("--quality-source", default=None,
               help="The GGUF file / Hugging Face folder the target was built from, for --quality [default: found "
                    "from the bundle's record].")
+@click.option("--suffix-cache", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="The n-gram drafter's cache of earlier requests: on, off, or both (each n-gram configuration also "
+                   "without it, labelled -nocache). A run sees the outputs of the prompts measured before it in its "
+                   "repeat, never its own earlier runs.")
 def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new_tokens: int, repeats: int,
                   warmup: int, prompts: int | None, threads: int, peer: str, peer_target: str | None,
                   peer_draft: str | None, out: str | None, reuse_prefix: bool, invariance: str, quality: bool,
-                  quality_texts: str, quality_tokens: int, quality_source: str | None) -> None:
+                  quality_texts: str, quality_tokens: int, quality_source: str | None, suffix_cache: str) -> None:
     """Measure speculative decoding against plain decoding of the same target, in the same run.
 
     Writes results.json (every number, machine and versions), results.md (tables) and PNG plots.
@@ -572,7 +577,7 @@ def bench_command(bundle: Path, workload: str, drafts: str, widths: str, max_new
                          threads=threads, out=out, peer=peer, peer_target=peer_target, peer_draft=peer_draft,
                          reuse_prefix=reuse_prefix, invariance=invariance, quality=quality,
                          quality_texts=tuple(t for t in quality_texts.split(",") if t), quality_tokens=quality_tokens,
-                         quality_source=quality_source)
+                         quality_source=quality_source, suffix_cache=suffix_cache)
     results = run_benchmark(config, say=lambda m: click.echo(m, err=True))
     paths = write_report(results, Path(out))
     click.echo(paths["markdown"].read_text())
@@ -680,11 +685,14 @@ def demo_command(small: bool, int4: bool, max_new_tokens: int, prompt: str | Non
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "cpu-planned"]), default="auto", show_default=True,
               help="ONNX Runtime backend: cpu, cuda (KV cache on the GPU) or auto (cuda when it can run here).")
 @INVARIANCE_OPTION
+@click.option("--suffix-cache-tokens", type=click.IntRange(min=0), default=SUFFIX_CACHE_TOKENS, show_default=True,
+              help="Tokens of earlier requests (prompts and outputs) the n-gram drafter may draft from; 0: no cache. "
+                   "Requests share one partition unless they pass prompt_cache_key (see docs/suffix-cache.md).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queue: int, max_tokens: int,
                   pacing: str, max_pacing_delay: float, threads: int, backend: str, provider: str, invariance: str,
-                  log_level: str) -> None:
+                  suffix_cache_tokens: int, log_level: str) -> None:
     """Serve BUNDLE over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models), with
     /health and Prometheus /metrics.
 
@@ -701,7 +709,8 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
         raise ConfigError(f"spectrt serve needs the serving extra: pip install 'spectrt[serve]' ({exc}).") from None
     if max_queue < 0 or max_tokens < 1 or max_pacing_delay < 0:
         raise ConfigError("--max-queue must be >= 0, --max-tokens >= 1 and --max-pacing-delay >= 0.")
-    generator = Generator(bundle, backend=backend, threads=threads, provider=provider, invariance=invariance)
+    generator = Generator(bundle, backend=backend, threads=threads, provider=provider, invariance=invariance,
+                          suffix_cache_tokens=suffix_cache_tokens)
     if not generator.invariance.exact:
         click.secho(f"warning: {generator.invariance.summary()}", fg="yellow", err=True)
     config = ServeConfig(model_name=name or generator.manifest.name, max_queue=max_queue,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from spectrt.bench.report import write_report
-from spectrt.bench.runner import BenchConfig, run_benchmark
+from spectrt.bench.runner import BenchConfig, run_benchmark, run_specs
 from spectrt.workloads import available_workloads, load_workload
 from spectrt.errors import ConfigError
 
@@ -142,3 +142,26 @@ def test_the_edit_workload_carries_predictions():
     assert len(prompts) >= 8 and all(p.messages and p.prediction for p in prompts)
     for prompt in prompts:  # the prediction is the file the request quotes, in its code block
         assert prompt.prediction.startswith("```") and prompt.prediction in prompt.messages[-1]["content"]
+
+
+def test_the_suffix_cache_configurations_see_earlier_prompts_of_their_repeat_only(tiny_bundle, tmp_path):
+    """--suffix-cache both: each n-gram configuration next to its -nocache twin; a prompt that repeats an earlier
+    one of the workload is drafted from that one's output, and a repeat never sees its own earlier runs."""
+    records = [{"id": "first", "prompt": "the server heard this before"},
+               {"id": "again", "prompt": "the server heard this before"}]
+    workload = tmp_path / "repeats.jsonl"
+    workload.write_text("\n".join(json.dumps(r) for r in records))
+    config = BenchConfig(bundle=str(tiny_bundle), workloads=(str(workload),), drafts=("ngram",), widths=(5,),
+                         max_new_tokens=24, repeats=2, warmup=1, threads=1, peer="none", suffix_cache="both")
+    assert [s.label for s in run_specs(config, (1, 2, 3, 5), has_draft=False)] == ["plain", "ngram@5",
+                                                                                   "ngram-nocache@5"]
+    results = run_benchmark(config, say=lambda m: None)
+    per_prompt = results["workloads"][str(workload)]["per_prompt"]
+    accepted = {label: {pid: [m["accepted_tokens"] for m in runs["metrics"]] for pid, runs in prompts.items()}
+                for label, prompts in per_prompt.items()}
+    summaries = {s["config"]: s for s in results["workloads"][str(workload)]["summaries"]}
+    assert all(s["exact_match_with_plain"] == 2 for s in summaries.values())
+    cached, alone = accepted["ngram@5"], accepted["ngram-nocache@5"]
+    assert cached["first"] == alone["first"]  # nothing earlier in its repeat (the warm-up and repeat 0 unseen)
+    assert cached["first"][0] == cached["first"][1]
+    assert all(c >= 15 and c > a + 10 for c, a in zip(cached["again"], alone["again"]))  # from the first's output

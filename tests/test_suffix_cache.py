@@ -212,3 +212,42 @@ def test_the_generator_keeps_its_bound_and_refuses_bad_settings(tiny_bundle):
     before = small.suffix_cache.stats()["requests"]
     small.generate("not remembered", max_new_tokens=3, suffix_cache=False)
     assert small.suffix_cache.stats()["requests"] == before
+
+
+def test_the_server_partitions_the_cache_by_prompt_cache_key_and_reports_its_memory(tiny_bundle):
+    import httpx
+    from test_serve import Server, metric_sum
+
+    server = Server(tiny_bundle, "--suffix-cache-tokens", "5000")
+    try:
+        body = {"model": "tiny", "prompt": "the server remembers", "max_tokens": 40, "temperature": 0,
+                "draft": "ngram", "width": 5}
+
+        def rounds_of(extra: dict) -> tuple[str, float]:
+            before = metric_sum(server.metrics(), "spectrt_rounds_total")
+            response = httpx.post(f"{server.url}/v1/completions", json=body | extra, timeout=60)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"], metric_sum(server.metrics(), "spectrt_rounds_total") - before
+
+        text, first = rounds_of({"prompt_cache_key": "alice"})
+        again_text, again = rounds_of({"prompt_cache_key": "alice"})
+        bob_text, bob = rounds_of({"prompt_cache_key": "bob"})
+        assert again_text == bob_text == text
+        assert again < first and bob == first  # alice's output drafted alice's repeat; bob's partition was empty
+        samples = server.metrics()
+        assert metric_sum(samples, "spectrt_suffix_cache_requests") == 3
+        assert 0 < metric_sum(samples, "spectrt_suffix_cache_tokens") <= 5000
+        assert 0 < metric_sum(samples, "spectrt_suffix_cache_bytes") <= metric_sum(samples, "spectrt_suffix_cache_max_bytes")
+        rounds_of({"suffix_cache": False})
+        assert metric_sum(server.metrics(), "spectrt_suffix_cache_requests") == 3  # not remembered
+        bad = httpx.post(f"{server.url}/v1/completions", json=body | {"prompt_cache_key": "k" * 300}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_cache_key"
+    finally:
+        server.stop()
+
+
+def test_the_cli_default_is_the_runtime_default():
+    from spectrt.cli import SUFFIX_CACHE_TOKENS
+    from spectrt.runtime.suffix_cache import DEFAULT_MAX_TOKENS
+
+    assert SUFFIX_CACHE_TOKENS == DEFAULT_MAX_TOKENS

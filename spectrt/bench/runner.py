@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +37,9 @@ from spectrt.workloads import WORKLOAD_DIR, Prompt, load_workload
 
 PEERS = ("transformers", "llamacpp")  # transformers generate (+ assistant_model); llama.cpp (+ prompt lookup)
 PEER_CHOICES = ("auto", *PEERS, "all", "none")
+
+
+SUFFIX_CACHE_MODES = ("on", "off", "both")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class BenchConfig:
     quality_texts: tuple[str, ...] = ("prose", "code")  # held-out texts scored beside the workloads' prompts
     quality_tokens: int = 4096  # first N tokens of each held-out text
     quality_source: str | None = None  # the target's source model, when the bundle's record does not find it
+    # the suffix cache across requests (n-gram drafters): on | off | both (each n-gram configuration twice). A run
+    # reads and writes the partition of its workload, configuration and repeat: it sees the outputs of the prompts
+    # measured before it in that repeat, never its own earlier runs
+    suffix_cache: str = "on"
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 1:
@@ -70,6 +77,8 @@ class BenchConfig:
             raise ConfigError(f"peer must be one of {', '.join(PEER_CHOICES)}.")
         if self.quality_tokens < 2:
             raise ConfigError(f"--quality-tokens must be >= 2 (got {self.quality_tokens}).")
+        if self.suffix_cache not in SUFFIX_CACHE_MODES:
+            raise ConfigError(f"suffix cache must be one of {', '.join(SUFFIX_CACHE_MODES)} (got {self.suffix_cache!r}).")
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -83,14 +92,20 @@ class RunSpec:
     width: str | int
     unshaped: bool = False  # plain decoding with the target's calls not shaped for invariance: what shaping costs
     prediction: bool = False  # the prompt's predicted output drafted first, `draft` where the output leaves it
+    suffix_cache: bool = True  # an n-gram drafter also drafts from earlier requests (runtime/suffix_cache.py)
+
+    @property
+    def reads_cache(self) -> bool:
+        return self.draft.endswith("ngram")
 
     @property
     def label(self) -> str:
         if self.unshaped:
             return "plain-unshaped"
+        draft = self.draft + ("-nocache" if self.reads_cache and not self.suffix_cache else "")
         if self.prediction:
-            return "prediction" + ("" if self.draft == "none" else f"+{self.draft}") + f"@{self.width}"
-        return "plain" if self.draft == "none" else f"{self.draft}@{self.width}"
+            return "prediction" + ("" if self.draft == "none" else f"+{draft}") + f"@{self.width}"
+        return "plain" if self.draft == "none" else f"{draft}@{self.width}"
 
 
 GRAMMAR_DRAFTS = ("grammar", "grammar+model", "grammar+ngram")
@@ -102,7 +117,8 @@ def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: boo
     """Plain first (and, when the target's calls are shaped for invariance, plain with unshaped calls: the cost of
     the shaping), then each drafter x width. Grammar-forced drafters run on constrained workloads only; there, when
     --draft names none of them, all that the bundle supports are added. A workload whose prompts carry a predicted
-    output (edit) adds, per width, the prediction alone and the prediction before each drafter."""
+    output (edit) adds, per width, the prediction alone and the prediction before each drafter. --suffix-cache
+    off / both: the n-gram configurations without the cache / next to their twins without it."""
     drafts = [d for d in config.drafts if constrained or d not in GRAMMAR_DRAFTS]
     if constrained and not any(d in GRAMMAR_DRAFTS for d in drafts):
         drafts += [d for d in GRAMMAR_DRAFTS if has_draft or d != "grammar+model"]
@@ -123,6 +139,11 @@ def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: boo
     if predicted:
         widths = [w if w == "auto" else int(w) for w in config.widths]
         specs += [RunSpec(draft, width, prediction=True) for draft in ("none", *drafts) for width in widths]
+    if config.suffix_cache == "off":
+        specs = [replace(spec, suffix_cache=False) for spec in specs]
+    elif config.suffix_cache == "both":  # each configuration that reads the cache, next to its twin without
+        specs = [twin for spec in specs
+                 for twin in ((spec, replace(spec, suffix_cache=False)) if spec.reads_cache else (spec,))]
     return specs
 
 
@@ -350,19 +371,21 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
             return prompt.request() | ({"json_schema": schema} if schema is not None else {})
 
         per_spec: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
-        def run(spec: RunSpec, prompt: Prompt):
+        def run(spec: RunSpec, prompt: Prompt, partition: str):
             predicted = {"prediction": prompt.prediction} if spec.prediction and prompt.prediction else {}
             with generator.unshaped() if spec.unshaped else contextlib.nullcontext():
                 return generator.generate(**request(prompt), max_new_tokens=config.max_new_tokens, draft=spec.draft,
-                                          width=spec.width, reuse_prefix=config.reuse_prefix, **predicted)
+                                          width=spec.width, reuse_prefix=config.reuse_prefix,
+                                          suffix_cache=spec.suffix_cache,
+                                          suffix_cache_key=f"{workload}/{spec.label}/{partition}", **predicted)
 
         for _ in range(config.warmup):  # warm caches, sessions and the auto scheduler's cost model
             for spec in specs:
-                run(spec, prompts[0])
+                run(spec, prompts[0], "warm-up")
         for repeat in range(config.repeats):
             for prompt in prompts:
                 for spec in specs:
-                    result = run(spec, prompt)
+                    result = run(spec, prompt, f"repeat {repeat}")
                     entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
                                                                         "prompt_token_ids": result.prompt_token_ids,
                                                                         "metrics": [], "gaps": [],

@@ -50,8 +50,9 @@ def _field_name(location: tuple) -> str:
 def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     """The ASGI app serving `generator` under the model name `config.model_name`; the app owns the generator:
     when the server stops (the lifespan ends), the engine stops and the generator is closed."""
+    cache = getattr(generator, "suffix_cache", None)
     metrics = ServerMetrics(config.model_name, lambda: engine.queue_depth, generator.scheduler_state,
-                            generator.invariance)
+                            generator.invariance, cache.stats if cache is not None else None)
     engine = Engine(generator, max_queue=config.max_queue, on_cancelled=lambda job: _safely(
         metrics.observe_cancelled_tokens, job.label, job.generated))
 

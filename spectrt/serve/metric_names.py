@@ -19,6 +19,14 @@ TOKEN_COUNTERS = {
     "pad_guesses_accepted": ("free n-gram guesses in pad rows that the target confirmed (tokens gained)",
                              "pad_guesses_accepted"),
 }
+# gauge name after spectrt_suffix_cache_, the SuffixCache.stats() field it shows, what it says
+SUFFIX_CACHE_GAUGES = (
+    ("tokens", "tokens", "Tokens of earlier requests the suffix cache holds."),
+    ("max_tokens", "max_tokens", "Tokens the suffix cache holds at most (--suffix-cache-tokens)."),
+    ("bytes", "bytes", "Memory the suffix cache takes now (ring, index and recent requests)."),
+    ("max_bytes", "max_bytes", "Memory the suffix cache can take at most."),
+    ("requests", "requests", "Requests the suffix cache has remembered since the server started."),
+)
 EXACT_HELP = ("1 if speculative output is token for token plain decoding's on this machine (the row counts of the "
               "target's calls were checked here and calls are shaped to those that agree), else 0; `strategy` says "
               "how: as-is, pad, off or none-found")

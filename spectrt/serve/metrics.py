@@ -12,14 +12,15 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .metric_names import ACCEPTED_LENGTH_BUCKETS, EXACT_HELP, LATENCY_BUCKETS, TOKEN_COUNTERS
+from .metric_names import ACCEPTED_LENGTH_BUCKETS, EXACT_HELP, LATENCY_BUCKETS, SUFFIX_CACHE_GAUGES, TOKEN_COUNTERS
 
 
 class ServerMetrics:
     """The metric families of one server; `observe` adds a finished request."""
 
     def __init__(self, bundle: str, queue_depth: Callable[[], int],
-                 scheduler_state: Callable[[], dict[str, dict[str, Any]]], exactness=None):
+                 scheduler_state: Callable[[], dict[str, dict[str, Any]]], exactness=None,
+                 suffix_cache_stats: Callable[[], dict[str, int]] | None = None):
         self.bundle = bundle
         self.registry = CollectorRegistry()
         if exactness is not None:  # the generator's InvarianceReport
@@ -61,6 +62,10 @@ class ServerMetrics:
         self.acceptance = Gauge("spectrt_acceptance_estimate", "Long-run per-token acceptance estimate the `auto` "
                                 "scheduler starts greedy requests from.", labels, registry=self.registry)
         self._scheduler_state = scheduler_state
+        if suffix_cache_stats is not None:  # the generator's suffix cache across requests
+            for name, field, doc in SUFFIX_CACHE_GAUGES:
+                gauge = Gauge(f"spectrt_suffix_cache_{name}", doc, ("bundle",), registry=self.registry)
+                gauge.labels(bundle).set_function(lambda field=field: float(suffix_cache_stats()[field]))
 
     def observe(self, drafter: str, finish_reason: str, metrics: dict[str, Any] | None,
                 gaps: list[float] = (), rounds: list[float] = (), accepted_lengths: dict[int, int] | None = None) -> None:

@@ -101,6 +101,10 @@ class SamplingFields(BaseModel):
     grammar: Optional[str] = Field(default=None, min_length=1)
     choice: Optional[list[str]] = Field(default=None, min_length=1)
     prediction: Optional[Prediction] = None  # text the output is expected to repeat (an edit's original)
+    # the suffix cache across requests: OpenAI's prompt_cache_key names the partition (tenant) this request reads
+    # and writes; suffix_cache false keeps it out of the cache altogether
+    prompt_cache_key: Optional[str] = Field(default=None, max_length=256)
+    suffix_cache: bool = True
 
     @model_validator(mode="after")
     def _one_constraint(self) -> "SamplingFields":
@@ -136,7 +140,8 @@ class SamplingFields(BaseModel):
         """The `GenerateConfig` fields of this request."""
         options = {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
                    "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": self.stops(),
-                   "draft": self.draft, "width": self.width, "accept": self.accept, "reuse_prefix": self.reuse_prefix}
+                   "draft": self.draft, "width": self.width, "accept": self.accept, "reuse_prefix": self.reuse_prefix,
+                   "suffix_cache": self.suffix_cache, "suffix_cache_key": self.prompt_cache_key or ""}
         schema = self.response_format.to_json_schema() if self.response_format is not None else None
         constraints = {"json_schema": schema, "regex": self.regex, "grammar": self.grammar, "choice": self.choice}
         if self.prediction is not None:
