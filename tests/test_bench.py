@@ -165,3 +165,34 @@ def test_the_suffix_cache_configurations_see_earlier_prompts_of_their_repeat_onl
     assert cached["first"] == alone["first"]  # nothing earlier in its repeat (the warm-up and repeat 0 unseen)
     assert cached["first"][0] == cached["first"][1]
     assert all(c >= 15 and c > a + 10 for c, a in zip(cached["again"], alone["again"]))  # from the first's output
+
+
+def test_a_session_workload_is_measured_turn_by_turn(tiny_bundle, tmp_path):
+    """Agent sessions: each turn resends the conversation with plain decoding's earlier answers and the scripted
+    tool results; every turn is a measured prompt (exact against plain), and the turn table and plot come out."""
+    records = [{"id": f"s{i}", "messages": [{"role": "system", "content": "get(x)"},
+                                            {"role": "user", "content": f"task {i}"}],
+                "tool_results": ["1", "2"]} for i in range(2)]  # short: the tiny bundle holds 127 tokens
+    workload = tmp_path / "sessions.jsonl"
+    workload.write_text("\n".join(json.dumps(r) for r in records))
+    results = run_benchmark(BenchConfig(bundle=str(tiny_bundle), workloads=(str(workload),), drafts=("ngram",),
+                                        widths=("auto",), max_new_tokens=6, repeats=1, warmup=0, threads=1,
+                                        peer="none"), say=lambda m: None)
+    data = results["workloads"][str(workload)]
+    assert set(data["per_prompt"]["plain"]) == {f"s{i}/turn{n}" for i in range(2) for n in (1, 2, 3)}
+    assert all(s["exact_match_with_plain"] == 6 for s in data["summaries"])
+    assert set(data["turns"]["speedup_vs_plain"]["ngram@auto"]) == {"1", "2", "3"}
+    assert data["turns"]["speedup_vs_plain"]["plain"] == {"1": 1.0, "2": 1.0, "3": 1.0}
+    paths = write_report(results, tmp_path / "report")
+    assert paths["turns_plot"].stat().st_size > 0 and "Turn by turn" in paths["markdown"].read_text()
+
+
+def test_session_turns_carry_the_answers_and_tool_results():
+    session = load_workload("agent")[0]
+    assert len(load_workload("agent")) >= 8 and all(p.turns >= 6 for p in load_workload("agent"))
+    third = session.turn(3, ["first answer", "second answer"])
+    assert third.id == f"{session.id}/turn3"
+    assert [m["role"] for m in third.messages[-4:]] == ["assistant", "tool", "assistant", "tool"]
+    assert third.messages[-2]["content"] == "second answer"
+    assert third.messages[-1]["content"] == session.tool_results[1]
+    assert json.loads(session.tool_results[0])  # tool results are JSON, as a tool would return them

@@ -51,8 +51,32 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for workload, data in results["workloads"].items():
         lines += [f"## {workload}", ""] + _config_table(data["summaries"]) + [""] + _cost_table(data["summaries"])
+        lines += _turn_section(data.get("turns"))
     lines += _transformers_section(results) + _llamacpp_section(results) + _quality_section(results)
     return "\n".join(lines)
+
+
+def _turn_section(turns: dict[str, Any] | None) -> list[str]:
+    """A multi-turn workload turn by turn: decode tok/s relative to plain decoding (and to llama.cpp plain)."""
+    if not turns:
+        return []
+    numbers = list(next(iter(turns["speedup_vs_plain"].values())))
+    lines = ["", "Turn by turn (sessions: each turn resends the conversation with the earlier answers and their tool "
+             "results; cells: median over the sessions of decode tok/s relative to spectrt plain on that turn"
+             + ("; after the slash: relative to llama.cpp plain" if "vs_llamacpp_plain" in turns else "") + "):", "",
+             "| config | " + " | ".join(f"turn {n}" for n in numbers) + " |",
+             "|---|" + "---:|" * len(numbers)]
+    llamacpp = turns.get("vs_llamacpp_plain", {})
+    for label, by_turn in turns["speedup_vs_plain"].items():
+        cells = [_x(by_turn.get(n)) + (f" / {_x(llamacpp[label].get(n))}" if label in llamacpp else "")
+                 for n in numbers]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    plain = turns["tokens_per_second"].get("plain", {})
+    lines.append("| plain tok/s | " + " | ".join(_fmt(plain.get(n), ".1f") for n in numbers) + " |")
+    if "llamacpp_plain_tokens_per_second" in turns:
+        ours = turns["llamacpp_plain_tokens_per_second"]
+        lines.append("| llama.cpp plain tok/s | " + " | ".join(_fmt(ours.get(n), ".1f") for n in numbers) + " |")
+    return lines + [""]
 
 
 def _quality_section(results: dict[str, Any]) -> list[str]:
@@ -240,6 +264,33 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_turns(results: dict[str, Any], path: Path) -> bool:
+    """Decode tok/s relative to spectrt plain, turn by turn, for each multi-turn workload; False if there is none."""
+    sessions = {name: data["turns"] for name, data in results["workloads"].items() if data.get("turns")}
+    if not sessions:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sessions), figsize=(6 * len(sessions), 4), squeeze=False)
+    for ax, (workload, turns) in zip(axes[0], sessions.items()):
+        relative = turns.get("vs_llamacpp_plain") or turns["speedup_vs_plain"]
+        for label, by_turn in relative.items():
+            points = [(int(n), v) for n, v in by_turn.items() if v is not None]
+            if points:
+                ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+        ax.axhline(1.0, color="red", linewidth=0.8)
+        ax.set_title(f"{workload}: turn by turn")
+        ax.set_xlabel("turn")
+        ax.set_ylabel("decode tok/s relative to " + ("llama.cpp plain" if "vs_llamacpp_plain" in turns
+                                                      else "spectrt plain"))
+        ax.legend(fontsize=7)
+    _save(plt, fig, path)
+    return True
+
+
 def plot_latency(results: dict[str, Any], path: Path) -> None:
     import numpy as np
 
@@ -267,4 +318,6 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown_table(results))
     plot_speedup(results, paths["speedup_plot"])
     plot_latency(results, paths["latency_plot"])
+    if plot_turns(results, out_dir / "turns.png"):
+        paths["turns_plot"] = out_dir / "turns.png"
     return paths

@@ -363,6 +363,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     results: dict[str, Any] = {"workloads": {}}
     plain_ids: dict[str, dict[str, list[int]]] = {}  # workload -> prompt id -> spectrt plain tokens
     plain_sequences: dict[str, list[tuple[list[int], list[int]]]] = {}  # workload -> [(prompt ids, plain output)]
+    measured: dict[str, list[Prompt]] = {}  # workload -> the prompts measured (a session: each of its turns)
     for workload, prompts in workloads.items():
         specs = specs_of[workload]
 
@@ -371,6 +372,20 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
             return prompt.request() | ({"json_schema": schema} if schema is not None else {})
 
         per_spec: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
+        measured[workload] = []
+
+        def record_run(per_prompt: dict[str, dict], prompt: Prompt, result) -> None:
+            entry = per_prompt.setdefault(prompt.id, {"token_ids": result.token_ids,
+                                                      "prompt_token_ids": result.prompt_token_ids,
+                                                      "metrics": [], "gaps": [], "repeats_identical": True})
+            entry["repeats_identical"] &= result.token_ids == entry["token_ids"]
+            entry["metrics"].append(result.metrics.to_json())
+            entry["gaps"].extend(result.metrics.delivery_gaps)
+            if result.constraint is not None:
+                entry.setdefault("constraint", []).append(result.constraint.to_json())
+                entry.setdefault("valid", []).append(schema_valid(result.text, schemas[workload][prompt.id]))
+                entry.setdefault("finish_reasons", []).append(result.finish_reason)
+
         def run(spec: RunSpec, prompt: Prompt, partition: str):
             predicted = {"prediction": prompt.prediction} if spec.prediction and prompt.prediction else {}
             with generator.unshaped() if spec.unshaped else contextlib.nullcontext():
@@ -383,24 +398,20 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
             for spec in specs:
                 run(spec, prompts[0], "warm-up")
         for repeat in range(config.repeats):
-            for prompt in prompts:
-                for spec in specs:
-                    result = run(spec, prompt, f"repeat {repeat}")
-                    entry = per_spec[spec.label].setdefault(prompt.id, {"token_ids": result.token_ids,
-                                                                        "prompt_token_ids": result.prompt_token_ids,
-                                                                        "metrics": [], "gaps": [],
-                                                                        "repeats_identical": True})
-                    entry["repeats_identical"] &= result.token_ids == entry["token_ids"]
-                    entry["metrics"].append(result.metrics.to_json())
-                    entry["gaps"].extend(result.metrics.delivery_gaps)
-                    if result.constraint is not None:
-                        entry.setdefault("constraint", []).append(result.constraint.to_json())
-                        entry.setdefault("valid", []).append(schema_valid(result.text,
-                                                                          schemas[workload][prompt.id]))
-                        entry.setdefault("finish_reasons", []).append(result.finish_reason)
-                say(f"  {workload} {prompt.id} repeat {repeat + 1}: " + ", ".join(
-                    f"{s.label} {per_spec[s.label][prompt.id]['metrics'][-1]['tokens_per_second'] or 0:.1f}"
-                    for s in specs) + " tok/s")
+            for session in prompts:
+                answers: list[str] = []  # a session's turns follow plain decoding's answers (greedy: everyone's)
+                for number in range(1, session.turns + 1):
+                    prompt = session.turn(number, answers)
+                    for spec in specs:
+                        result = run(spec, prompt, f"repeat {repeat}")
+                        if spec.label == "plain":
+                            answers.append(result.text)
+                        record_run(per_spec[spec.label], prompt, result)
+                    if repeat == 0:
+                        measured[workload].append(prompt)
+                    say(f"  {workload} {prompt.id} repeat {repeat + 1}: " + ", ".join(
+                        f"{s.label} {per_spec[s.label][prompt.id]['metrics'][-1]['tokens_per_second'] or 0:.1f}"
+                        for s in specs) + " tok/s")
         summaries = [summarize(s, per_spec[s.label], per_spec["plain"]) for s in specs]
         plain_ids[workload] = {pid: r["token_ids"] for pid, r in per_spec["plain"].items()}
         plain_sequences[workload] = [(r["prompt_token_ids"], r["token_ids"]) for r in per_spec["plain"].values()]
@@ -415,6 +426,8 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
         }
         if schemas[workload]:
             results["workloads"][workload]["constrained"] = "json_schema"
+        if any(p.tool_results for p in prompts):
+            results["workloads"][workload]["turns"] = turn_table(per_spec)
     results["config"] = asdict(config)
     results["bundle"] = {"name": generator.manifest.name, "widths": list(generator.built_widths),
                          "target": generator.manifest.raw["models"]["target"]["source"]["name"],
@@ -434,7 +447,7 @@ def run_benchmark(config: BenchConfig, *, say: Callable[[str], None] = print) ->
     generator.close()  # its sessions and caches are freed before the peers load their models
     if config.quality:
         results["quality"] = run_quality(config, plain_sequences, say)
-    unconstrained = {name: prompts for name, prompts in workloads.items() if not schemas[name]}
+    unconstrained = {name: measured[name] for name in workloads if not schemas[name]}
     peers = run_peers(config, unconstrained, results["bundle"], say) if unconstrained else {}
     if peers:  # the peers generate without constraints: unconstrained workloads only
         results["peers"] = peers
@@ -571,6 +584,32 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference if value is not None and reference else None
 
 
+def _by_turn(per_prompt: dict[str, dict], value: Callable[[str, dict], float | None]) -> dict[str, float | None]:
+    """turn number -> median over the sessions of `value(prompt id, result)` for that turn ('<session>/turn<n>')."""
+    by_turn: dict[int, list[float | None]] = {}
+    for pid, result in per_prompt.items():
+        session, _, number = pid.rpartition("/turn")
+        if session and number.isdigit():
+            by_turn.setdefault(int(number), []).append(value(pid, result))
+    return {str(number): _median([v for v in values if v is not None]) for number, values in sorted(by_turn.items())}
+
+
+def _decode_speed(result: dict) -> float | None:
+    return _median([m["tokens_per_second"] for m in result["metrics"]])
+
+
+def turn_table(per_spec: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """A multi-turn workload turn by turn, per configuration: decode tokens/s (median over repeats, then over the
+    sessions) and its ratio to plain decoding's on the same turn (median over the sessions)."""
+    plain = per_spec["plain"]
+    return {
+        "tokens_per_second": {label: _by_turn(prompts, lambda pid, r: _decode_speed(r))
+                              for label, prompts in per_spec.items()},
+        "speedup_vs_plain": {label: _by_turn(prompts, lambda pid, r: _ratio(_decode_speed(r), _decode_speed(plain[pid])))
+                             for label, prompts in per_spec.items()},
+    }
+
+
 def add_llamacpp_ratios(results: dict[str, Any], spectrt_plain_ids: dict[str, dict[str, list[int]]]) -> None:
     """Each spectrt configuration's summary gains decode tok/s and TTFT relative to llama.cpp plain decoding:
     the median over the workload's prompts of the per-prompt ratio (same prompts, same token ids). Each
@@ -590,6 +629,13 @@ def add_llamacpp_ratios(results: dict[str, Any], spectrt_plain_ids: dict[str, di
             summary["ttft_vs_llamacpp_plain"] = _median([
                 _ratio(_median([m["time_to_first_token"] for m in r["metrics"]]), reference[pid]["time_to_first_token"])
                 for pid, r in prompts.items()])
+        if "turns" in data:  # a multi-turn workload: the ratio turn by turn, and llama.cpp's own speed
+            data["turns"]["vs_llamacpp_plain"] = {
+                label: _by_turn({pid: r for pid, r in prompts.items() if pid in reference},
+                                lambda pid, r: _ratio(_decode_speed(r), reference[pid]["tokens_per_second"]))
+                for label, prompts in data["per_prompt"].items()}
+            data["turns"]["llamacpp_plain_tokens_per_second"] = _by_turn(
+                reference, lambda pid, r: r["tokens_per_second"])
         spectrt_plain = {pid: _median([m["tokens_per_second"] for m in r["metrics"]])
                          for pid, r in data["per_prompt"]["plain"].items()}
         for summary in measured["summaries"]:
