@@ -26,7 +26,8 @@ from .suffix_cache import CacheView
 
 Reader = Callable[[int, int, list[int]], "int | None"]  # (start, offset, drafted) -> a candidate's next token
 
-DRAFTERS = ("model", "head", "ngram", "none", "grammar", "grammar+model", "grammar+ngram")
+DRAFTERS = ("model", "head", "ngram", "ngram+model", "ngram+head", "none", "grammar", "grammar+model",
+            "grammar+ngram")
 
 
 class Drafter(Protocol):
@@ -175,6 +176,13 @@ class NgramDrafter:
                     break
         self._drafts = []
 
+    def sure_run(self, tokens: list[int], k: int, min_chance: float) -> int:
+        """How many of the next (up to k) tokens the lookup would draft with a chance of at least `min_chance` that
+        all are accepted (no bookkeeping: the round's proposal is made by `propose`)."""
+        self._sync(tokens)
+        drafted, kinds, _, _ = self._draft(k)
+        return len(self._confident(drafted, kinds, min_chance))
+
     def continuation(self, tokens: list[int], proposal, count: int) -> list[int]:
         """Up to `count` tokens continuing the committed `tokens` and this round's `proposal`, by the latest matches,
         with no confidence cut and no bookkeeping: free guesses for rows a target call computes anyway."""
@@ -305,14 +313,16 @@ class NgramDrafter:
             agreeing = backers
         return drafted, kinds
 
-    def _confident(self, drafted: list[int], kinds: list[tuple[str, int]]) -> list[int]:
-        """The longest prefix of `drafted` whose tokens are all accepted with a chance of at least min_confidence."""
+    def _confident(self, drafted: list[int], kinds: list[tuple[str, int]], min_chance: float | None = None) -> list[int]:
+        """The longest prefix of `drafted` whose tokens are all accepted with a chance of at least min_chance
+        (default: min_confidence)."""
+        threshold = self.min_confidence if min_chance is None else min_chance
         chance = 1.0
         for i, kind in enumerate(kinds):
             accepted, judged = self._rates.get(kind, (0, 0))
             prior = _MATCH_PRIOR[(kind[0].removeprefix("cache-"), kind[1])]  # the same prior across requests
             chance *= (accepted + _PRIOR_WEIGHT * prior) / (judged + _PRIOR_WEIGHT)
-            if chance < self.min_confidence:
+            if chance < threshold:
                 return drafted[:i]
         return drafted
 
@@ -431,6 +441,80 @@ class ModelDrafter:
         self.decoder.rollback(min(self.decoder.length, keep))
 
 
+class LookupFirstDrafter:
+    """N-gram lookup where it is confident, a model (the draft model or the draft head) elsewhere: `ngram+model`,
+    `ngram+head`. Each round, the lookup (the request's tokens and, with a cache, earlier requests) drafts when the
+    first `LOOKUP_MIN_RUN` tokens of its continuation are all accepted with a chance of at least
+    `LOOKUP_MIN_CHANCE` (its per-request hit rates, as `NgramDrafter` keeps them): then no model step is paid, and
+    the width scheduler is told how many tokens the lookup is that sure of. Elsewhere the model drafts (and first
+    reads the tokens committed in lookup rounds). The lookup's hit rates are judged every round, whoever drafted.
+    """
+
+    def __init__(self, lookup: NgramDrafter, model, max_width: int):
+        self.lookup = lookup
+        self.model = model
+        self.max_width = max_width
+        self.name = f"ngram+{model.name}"
+        self.draft_steps = 0
+        self._decided_at: int | None = None  # len(tokens) the latest decision was made for
+        self._sure_run = 0  # tokens the lookup is sure of this round (0: the model drafts)
+
+    @property
+    def uses_model(self) -> bool:
+        return self._sure_run == 0
+
+    @property
+    def round_source(self) -> str:
+        return "ngram" if self._sure_run else self.model.name
+
+    def _decide(self, tokens: list[int]) -> None:
+        if self._decided_at == len(tokens):
+            return
+        self._decided_at = len(tokens)
+        run = self.lookup.sure_run(tokens, self.max_width, LOOKUP_MIN_CHANCE)
+        self._sure_run = run if run >= LOOKUP_MIN_RUN else 0
+
+    def start(self, prompt_ids: list[int], reuse_prefix: bool = True) -> None:
+        self._decided_at, self._sure_run = None, 0
+        self.lookup.start(prompt_ids, reuse_prefix)
+        self.model.start(prompt_ids, reuse_prefix)
+
+    def catch_up(self, tokens: list[int]) -> None:
+        self._decide(tokens)
+        self.lookup.catch_up(tokens)
+        if not self._sure_run:
+            self.model.catch_up(tokens)
+
+    def behind(self, tokens: list[int]) -> int:
+        self._decide(tokens)
+        return 0 if self._sure_run else self.model.behind(tokens)
+
+    def sure(self, tokens: list[int]) -> int:
+        self._decide(tokens)
+        return self._sure_run
+
+    def propose(self, tokens, k, picker):
+        self._decide(tokens)
+        looked_up, _ = self.lookup.propose(tokens, k, picker)  # judged after the round whoever drafts
+        if self._sure_run:
+            self.draft_steps = 0
+            return looked_up, None  # a point-mass draft
+        proposal, draft_probs = self.model.propose(tokens, k, picker)
+        self.draft_steps = self.model.draft_steps
+        return proposal, draft_probs
+
+    def accepted(self, tokens, proposal_len, accepted) -> None:
+        self.lookup.accepted(tokens, proposal_len, accepted)
+        if self._sure_run:
+            self.model.accepted(tokens, 0, 0)  # it proposed nothing this round
+        else:
+            self.model.accepted(tokens, proposal_len, accepted)
+
+
+LOOKUP_MIN_RUN = 3  # a lookup drafts instead of the model when it is sure of at least this many tokens
+LOOKUP_MIN_CHANCE = 0.5  # that all of them are accepted
+
+
 class ForcedRuns:
     """Grammar-forced drafting inside a drafter: appends the constraint's forced run to a proposal and counts
     forced tokens proposed and accepted (in the request's ConstraintMetrics)."""
@@ -506,8 +590,15 @@ def _point_mass(vocab: int, token: int) -> np.ndarray:
 
 
 def make_drafter(kind: str, draft_decoder=None, constrained: bool = False, head=None, target=None,
-                 cache: CacheView | None = None) -> Drafter:
-    """The drafter `kind` names; `cache`: earlier requests the n-gram drafters look up too."""
+                 cache: CacheView | None = None, max_width: int = 8) -> Drafter:
+    """The drafter `kind` names; `cache`: earlier requests the n-gram drafters look up too; `max_width`: the
+    widest verification built (how far a lookup-first drafter looks ahead)."""
+    if kind.startswith("ngram+"):
+        if constrained:
+            raise GenerationError(f"draft '{kind}' does not take a constraint; under one use grammar+model or "
+                                  f"grammar+ngram (or auto).")
+        return LookupFirstDrafter(NgramDrafter(cache=cache), make_drafter(kind[len("ngram+"):], draft_decoder,
+                                                                           head=head, target=target), max_width)
     if kind.startswith("grammar") and not constrained:
         raise GenerationError(f"draft '{kind}' proposes what a constraint forces; pass json_schema, regex, grammar "
                               f"or choice, or use draft model, ngram or none.")

@@ -429,14 +429,14 @@ class Generator:
         config = self._config(config, options)
         prompt_ids = self.encode(prompt, messages, prompt_ids)
         spec = config.constraint
-        if config.draft == "head" and self.head is None and self.manifest.head is not None:
+        if config.draft.endswith("head") and self.head is None and self.manifest.head is not None:
             raise GenerationError("the draft head reads the target's features, which this backend does not return "
                                   "(only the ONNX Runtime CPU path does so far); use --provider cpu, or another "
                                   "drafter.")
         cache = (CacheView(self.suffix_cache, config.suffix_cache_key)
                  if self.suffix_cache is not None and config.suffix_cache else None)
         drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
-                               target=self.target, cache=cache)
+                               target=self.target, cache=cache, max_width=max(self.built_widths))
         if config.prediction is not None:
             predicted = (self.tokenizer.tokenizer.encode(config.prediction, add_special_tokens=False).ids
                          if isinstance(config.prediction, str) else list(config.prediction))

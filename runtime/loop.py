@@ -126,9 +126,10 @@ def _rounds(target, drafter: Drafter, scheduler: WidthScheduler, prompt_ids: lis
         metrics.pad_guesses_accepted += max(0, accepted - drafted)
         accepted = min(accepted, drafted)  # the drafter's own acceptance; guesses are counted apart
         metrics.draft_catchup_seconds += t2 - t1
-        metrics.record_round(k, drafted, accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0)
+        metrics.record_round(k, drafted, accepted, metrics.generated_tokens, t3 - t1, t4 - t3, t5 - t0,
+                             source=getattr(drafter, "round_source", drafter.name))
         scheduler.record(k, drafted, accepted, t5 - t3, t3 - t2, drafter.uses_model,
-                         catch_up=(lag if k else 0, t2 - t1), draft_steps=drafter.draft_steps)
+                         catch_up=(lag if k else 0, t2 - t1), draft_steps=drafter.draft_steps, sure=k > 0 and sure > 0)
 
 
 def _grammar_complete(picker: TokenPicker, rest: list[int], eos_ids: set[int]) -> bool:

@@ -59,6 +59,9 @@ class RequestMetrics:
     prediction_tokens: int = 0  # a predicted output's tokens (0: no prediction)
     accepted_prediction_tokens: int = 0  # of them, in the output where it followed the prediction (OpenAI's field)
     rejected_prediction_tokens: int = 0  # the others
+    # drafter -> [tokens drafted, tokens accepted] by the drafter that proposed each round (a composite drafter's
+    # parts: prediction, ngram, model, head...); accepted / generated tokens is that drafter's share of the output
+    source_tokens: dict[str, list[int]] = field(default_factory=dict)
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # drafting, including draft_catchup_seconds
@@ -72,8 +75,13 @@ class RequestMetrics:
     _last_delivery: float = field(default=0.0, repr=False)
 
     def record_round(self, k: int, proposed: int, accepted: int, output_index: int, draft_s: float,
-                     verify_s: float, round_s: float) -> None:
-        """One round at width k: `proposed` drafted, `accepted` kept; output_index = where its tokens start."""
+                     verify_s: float, round_s: float, source: str | None = None) -> None:
+        """One round at width k: `proposed` drafted (by the drafter `source`), `accepted` kept; output_index = where
+        its tokens start."""
+        if proposed and source is not None:
+            counts = self.source_tokens.setdefault(source, [0, 0])
+            counts[0] += proposed
+            counts[1] += accepted
         self.rounds += 1
         self.width_histogram[k] += 1
         self.draft_seconds += draft_s
@@ -166,6 +174,7 @@ class RequestMetrics:
             "prediction_tokens": self.prediction_tokens,
             "accepted_prediction_tokens": self.accepted_prediction_tokens,
             "rejected_prediction_tokens": self.rejected_prediction_tokens,
+            "source_tokens": {name: {"drafted": d, "accepted": a} for name, (d, a) in sorted(self.source_tokens.items())},
             "queue_seconds": self.queue_seconds,
             "prefill_seconds": self.prefill_seconds,
             "draft_seconds": self.draft_seconds,

@@ -28,13 +28,10 @@ SURE_FOLLOWED = 2  # the widest verification; a weaker one drafts at the width t
 class PredictionDrafter:
     """Drafts a predicted output (token ids), aligned to the committed output; `fallback` proposes elsewhere."""
 
-    uses_model = False
-
     def __init__(self, prediction_ids: list[int], fallback):
         self.prediction = [int(t) for t in prediction_ids]
         self.fallback = fallback  # a Drafter (NoDrafter for the prediction alone)
         self.name = "prediction" + ("" if fallback.name == "none" else f"+{fallback.name}")
-        self.uses_model = fallback.uses_model
         self.draft_steps = 0
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram of the prediction -> positions after it
         for n in range(ANCHOR_MIN, ANCHOR_MAX + 1):
@@ -96,6 +93,15 @@ class PredictionDrafter:
         else:
             self.fallback.accepted(tokens, proposal_len, accepted)
         self._sync(tokens)
+
+    @property
+    def uses_model(self) -> bool:
+        return self.fallback.uses_model
+
+    @property
+    def round_source(self) -> str:
+        """Which drafter proposed the latest round: the prediction, or the fallback (or its part that did)."""
+        return "prediction" if self.from_prediction else getattr(self.fallback, "round_source", self.fallback.name)
 
     @property
     def rejected_tokens(self) -> int:

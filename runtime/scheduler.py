@@ -327,11 +327,13 @@ class WidthScheduler:
         return stalest if self.costs.age(stalest) >= self.costs.stale_after else best_k
 
     def record(self, k: int, proposed: int, accepted: int, verify_seconds: float, draft_seconds: float,
-               model_draft: bool, catch_up: tuple[int, float] = (0, 0.0), draft_steps: int | None = None) -> None:
+               model_draft: bool, catch_up: tuple[int, float] = (0, 0.0), draft_steps: int | None = None,
+               sure: bool = False) -> None:
         """Feed one round's measurements back: the round (without drafting) took verify_seconds for a target
         call with proposed+1 tokens, its drafting draft_seconds; `catch_up`: (tokens, seconds) the draft read
         before proposing; `draft_steps`: the draft model's steps (default: one per proposed token for a model
-        draft; grammar-forced tokens take none)."""
+        draft; grammar-forced tokens take none); `sure`: the width was chosen for tokens the drafter was sure of
+        (their acceptance says nothing about the drafter's other rounds, which the estimate prices)."""
         self.costs.record_verify(proposed, verify_seconds)
         if proposed != k:
             self.costs.mark_attempted(k)
@@ -340,4 +342,5 @@ class WidthScheduler:
         if k:
             steps = proposed if draft_steps is None else draft_steps
             self.costs.record_draft(steps if model_draft else 0, draft_seconds, proposed, model_draft)
-        self.acceptance.record(proposed, accepted)
+        if not sure:
+            self.acceptance.record(proposed, accepted)

@@ -400,9 +400,12 @@ def train_head_command(bundle: Path, workloads: str, text: tuple[str, ...], as_j
 @click.option("--chat", "chat_message", help="Send this text as a user chat message (uses the bundle's chat template).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--stream", is_flag=True, help="Print tokens as they are accepted.")
-@click.option("--draft", type=click.Choice(["auto", "model", "head", "ngram", "none", "grammar", "grammar+model", "grammar+ngram"]),
+@click.option("--draft", type=click.Choice(["auto", "model", "head", "ngram", "ngram+model", "ngram+head", "none", "grammar",
+                                           "grammar+model", "grammar+ngram"]),
               default="auto", show_default=True,
-              help="model: the bundle's draft; ngram: prompt lookup; none: plain target decoding (the baseline); "
+              help="model: the bundle's draft; ngram: prompt lookup (with the suffix cache of earlier requests); "
+                   "ngram+model / ngram+head: the lookup where it is sure, the model elsewhere; none: plain target "
+                   "decoding (the baseline); "
                    "grammar[+model|+ngram]: tokens a constraint forces, proposed without a model (constraints only; "
                    "auto under a constraint is grammar+model, or grammar+ngram without a draft model).")
 @click.option("--width", default="auto", show_default=True,

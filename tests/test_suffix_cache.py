@@ -251,3 +251,26 @@ def test_the_cli_default_is_the_runtime_default():
     from spectrt.runtime.suffix_cache import DEFAULT_MAX_TOKENS
 
     assert SUFFIX_CACHE_TOKENS == DEFAULT_MAX_TOKENS
+
+
+# -- lookup first, the model elsewhere ----------------------------------------------------------------------------
+
+
+def test_lookup_first_drafts_sure_runs_without_the_model_and_counts_each_part(generator):
+    prompt = "lookup first, then the model"
+    widest = max(generator.built_widths)
+    generator.suffix_cache.clear()
+    plain = generator.generate(prompt, max_new_tokens=40, draft="none")
+    first = generator.generate(prompt, max_new_tokens=40, draft="ngram+model", width="auto", suffix_cache_key="lf")
+    again = generator.generate(prompt, max_new_tokens=40, draft="ngram+model", width="auto", suffix_cache_key="lf")
+    assert first.token_ids == again.token_ids == plain.token_ids
+    shares = again.metrics.source_tokens
+    # the repeat is drafted from the cache: the lookup is sure of long runs and takes most of the output
+    assert shares["ngram"][1] >= 0.6 * len(plain.token_ids)
+    assert sum(accepted for _, accepted in shares.values()) == again.metrics.accepted_tokens
+    assert max(again.metrics.width_histogram) == widest
+    sampled = dict(max_new_tokens=30, temperature=0.9, seed=5)
+    assert generator.generate(prompt, draft="ngram+model", suffix_cache_key="lf", **sampled).token_ids == \
+        generator.generate(prompt, draft="none", **sampled).token_ids
+    with pytest.raises(GenerationError, match="does not take a constraint"):
+        generator.generate(prompt, max_new_tokens=4, draft="ngram+model", regex="[a-z]+")

@@ -133,6 +133,13 @@ def _config_table(summaries: list[dict[str, Any]]) -> list[str]:
         if vs_llamacpp:
             row += f" {_x(s.get('decode_vs_llamacpp_plain'))} | {_x(s.get('ttft_vs_llamacpp_plain'))} |"
         lines.append(row)
+    shared = [s for s in summaries if len(s.get("token_shares") or {}) > 1]
+    if shared:  # composite drafters: who drafted what
+        lines += ["", "Drafter shares (a composite drafter's parts: accepted tokens as a share of the output, their "
+                  "acceptance): " + "; ".join(
+                      f"{s['config']}: " + ", ".join(f"{name} {part['share']:.0%} ({_fmt(part['acceptance'], '.0%')})"
+                                                     for name, part in s["token_shares"].items())
+                      for s in shared)]
     return lines
 
 

@@ -96,7 +96,7 @@ class RunSpec:
 
     @property
     def reads_cache(self) -> bool:
-        return self.draft.endswith("ngram")
+        return "ngram" in self.draft
 
     @property
     def label(self) -> str:
@@ -124,12 +124,12 @@ def run_specs(config: BenchConfig, built_widths: tuple[int, ...], has_draft: boo
         drafts += [d for d in GRAMMAR_DRAFTS if has_draft or d != "grammar+model"]
     specs = [RunSpec("none", 0)] + ([RunSpec("none", 0, unshaped=True)] if shaped else [])
     for draft in drafts:
-        if draft not in ("model", "head", "ngram", *GRAMMAR_DRAFTS):
-            raise ConfigError(f"unknown drafter '{draft}'; choose model, head, ngram, grammar, grammar+model or "
-                              f"grammar+ngram.")
-        if draft in ("model", "grammar+model") and not has_draft:
+        if draft not in ("model", "head", "ngram", "ngram+model", "ngram+head", *GRAMMAR_DRAFTS):
+            raise ConfigError(f"unknown drafter '{draft}'; choose model, head, ngram, ngram+model, ngram+head, grammar, "
+                              f"grammar+model or grammar+ngram.")
+        if draft in ("model", "grammar+model", "ngram+model") and not has_draft:
             raise ConfigError("this bundle has no draft model; use --draft ngram.")
-        if draft == "head" and not has_head:
+        if draft.endswith("head") and not has_head:
             raise ConfigError("this bundle has no draft head; train one with `spectrt train-head BUNDLE` or use "
                               "--draft ngram.")
         for width in config.widths:
@@ -247,6 +247,7 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         "exact": all(m.get("exact") for m in runs),  # every run's target calls stayed on one numeric path
         "pad_rows": sum(m.get("pad_rows", 0) for m in runs),  # rows computed only for invariance
         "pad_guesses_accepted": sum(m.get("pad_guesses_accepted", 0) for m in runs),  # tokens they gained
+        "token_shares": _token_shares(runs),
     }
     constrained = [c for result in prompt_results.values() for c in result.get("constraint", [])]
     if constrained:
@@ -269,6 +270,21 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
         summary["predicted"] = predicted_speedup(runs, plain_runs, spec.width)
         summary["costs"] = drafter_costs(runs, plain_runs)
     return summary
+
+
+def _token_shares(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per drafter that proposed rounds (a composite's parts): its accepted tokens as a share of the generated
+    tokens, and its acceptance rate."""
+    generated = sum(m["generated_tokens"] for m in runs)
+    totals: dict[str, list[int]] = {}
+    for m in runs:
+        for name, counts in m.get("source_tokens", {}).items():
+            total = totals.setdefault(name, [0, 0])
+            total[0] += counts["drafted"]
+            total[1] += counts["accepted"]
+    return {name: {"share": accepted / generated if generated else 0.0,
+                   "acceptance": accepted / drafted if drafted else None}
+            for name, (drafted, accepted) in sorted(totals.items())}
 
 
 def drafter_costs(runs: list[dict], plain_runs: list[dict]) -> dict[str, Any] | None:

@@ -90,7 +90,8 @@ class SamplingFields(BaseModel):
     user: Optional[str] = None
     # spectrt's own options
     top_k: int = Field(default=0, ge=0)
-    draft: Literal["auto", "model", "head", "ngram", "none", "grammar", "grammar+model", "grammar+ngram"] = "auto"
+    draft: Literal["auto", "model", "head", "ngram", "ngram+model", "ngram+head", "none", "grammar", "grammar+model",
+                   "grammar+ngram"] = "auto"
     width: Union[Literal["auto"], int] = "auto"
     accept: Literal["coupled", "rejection"] = "coupled"
     reuse_prefix: bool = True  # keep cached KV rows of a prompt prefix an earlier request computed
