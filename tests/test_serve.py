@@ -269,18 +269,25 @@ def test_serving_benchmark_runs_every_configuration(tiny_bundle, tmp_path):
 
     from spectrt.cli import main
 
+    workload = tmp_path / "turns.jsonl"  # an agent session (tool results come back) and a chat (follow-ups)
+    workload.write_text(json.dumps({"id": "s", "messages": [{"role": "user", "content": "do x"}],
+                                    "tool_results": ["1"]}) + "\n"
+                        + json.dumps({"id": "c", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     out = tmp_path / "serve-bench"
     result = CliRunner().invoke(main, ["bench-serve", str(tiny_bundle), "--clients", "2", "--requests", "1",
-                                       "--conversations", "1", "--turns", "2", "--max-new-tokens", "8",
-                                       "--threads", "1", "--out", str(out)])
+                                       "--conversations", "2", "--turns", "2", "--max-new-tokens", "4",
+                                       "--workload", str(workload), "--threads", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert set(data["concurrency"]) == {"plain", "speculative", "speculative+paced"}
-    assert set(data["multi_turn"]) == {"plain", "reuse", "speculative", "speculative+reuse"}
+    assert set(data["multi_turn"]) == {"plain", "reuse", "speculative", "speculative+reuse", "ngram+reuse"}
     for part in ("concurrency", "multi_turn"):
         for summary in data[part].values():
             assert summary["identical_to_plain"] == summary["compared"] > 0  # greedy: same texts everywhere
             assert summary["generated_tokens"] > 0 and summary["ttft_p50"] > 0
+    assert data["multi_turn"]["plain"]["compared"] == 2 + 2  # the session and the chat, two turns each
+    assert set(data["multi_turn"]["ngram+reuse"]["speedup_by_turn"]) == {"1", "2"}
     assert data["multi_turn"]["reuse"]["reused_prompt_tokens"] > 0
     assert data["multi_turn"]["plain"]["reused_prompt_tokens"] == 0
+    assert (out / "turns.png").stat().st_size > 0 and "Turn by turn" in (out / "results.md").read_text()
     assert "| speculative+paced |" in (out / "results.md").read_text()

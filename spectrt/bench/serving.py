@@ -5,9 +5,11 @@ Two parts, both on one server process, greedy chat requests streamed by server-s
   decoding, speculation, and speculation with paced streaming: throughput (generated tokens per
   second of wall time), TTFT and the inter-chunk gaps a client sees (p50/p95), tokens/s per request;
 - multi-turn: one client holding conversations (each turn resends the conversation so far plus a
-  new user message), under plain decoding, KV-cache reuse, speculation and both: TTFT and tokens/s
-  show which of the simpler wins pays on this workload.
-Every configuration's texts are compared with plain decoding's (greedy: they must be identical).
+  new user message, or, for an agent session, the next tool result), under plain decoding, KV-cache
+  reuse, speculation, both, and n-gram lookup with the suffix cache: TTFT and tokens/s, overall and turn
+  by turn, show which of the simpler wins pays on this workload.
+Every configuration's texts are compared with plain decoding's (greedy: they must be identical). Each
+configuration sends its own prompt_cache_key, so no configuration drafts from another's earlier answers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MULTI_TURN_CONFIGS = {
     "reuse": {"draft": "none", "reuse_prefix": True},
     "speculative": {"draft": "auto", "reuse_prefix": False},
     "speculative+reuse": {"draft": "auto", "reuse_prefix": True},
+    "ngram+reuse": {"draft": "ngram", "reuse_prefix": True},  # prompt lookup with the suffix cache of earlier turns
 }
 FOLLOW_UPS = ("Can you give a short example?", "Summarize that in one sentence.", "What is a common mistake here?")
 
@@ -147,17 +150,26 @@ def run_multi_turn(url: str, model: str, config: ServeBenchConfig, options: dict
     import httpx
 
     timings, texts = [], {}
+    by_turn: dict[int, list[float]] = {}
     start = time.perf_counter()
     with httpx.Client(timeout=600) as http:
         for conversation in range(config.conversations):
-            messages = list(prompts[conversation % len(prompts)].messages)
-            for turn in range(config.turns):
+            prompt = prompts[conversation % len(prompts)]
+            messages = list(prompt.messages)
+            turns = min(config.turns, prompt.turns) if prompt.tool_results else config.turns
+            for turn in range(turns):
                 timing = stream_chat(http, url, model, messages, options, config.max_new_tokens)
                 timings.append(timing)
                 texts[conversation, turn] = timing.text
-                messages += [{"role": "assistant", "content": timing.text},
-                             {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
-    return summarize(timings, time.perf_counter() - start), texts
+                if timing.tokens_per_second:
+                    by_turn.setdefault(turn + 1, []).append(timing.tokens_per_second)
+                if turn + 1 < turns:
+                    follow_up = ({"role": "tool", "content": prompt.tool_results[turn]} if prompt.tool_results
+                                 else {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]})
+                    messages += [{"role": "assistant", "content": timing.text}, follow_up]
+    summary = summarize(timings, time.perf_counter() - start)
+    summary["tokens_per_second_by_turn"] = {str(n): statistics.median(v) for n, v in sorted(by_turn.items())}
+    return summary, texts
 
 
 def run_serving_benchmark(config: ServeBenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -178,6 +190,7 @@ def run_serving_benchmark(config: ServeBenchConfig, *, say: Callable[[str], None
                                    ("multi_turn", MULTI_TURN_CONFIGS, run_multi_turn)):
             plain_texts = None
             for label, options in configs.items():
+                options = options | {"prompt_cache_key": f"{part}/{label}"}  # its own suffix cache partition
                 summary, texts = run(server.url, server.model, config, options, prompts)
                 plain_texts = texts if plain_texts is None else plain_texts
                 summary["identical_to_plain"] = sum(texts[k] == plain_texts[k] for k in texts)
@@ -186,6 +199,10 @@ def run_serving_benchmark(config: ServeBenchConfig, *, say: Callable[[str], None
                 say(f"  {part} {label}: {summary['throughput_tokens_per_second']:.2f} tok/s overall, TTFT p50 "
                     f"{summary['ttft_p50']:.3f} s, gap p95 {1e3 * (summary['inter_chunk_gap_p95'] or 0):.0f} ms, "
                     f"identical {summary['identical_to_plain']}/{summary['compared']}")
+        plain_by_turn = results["multi_turn"]["plain"]["tokens_per_second_by_turn"]
+        for summary in results["multi_turn"].values():
+            summary["speedup_by_turn"] = {n: (v / plain_by_turn[n] if plain_by_turn.get(n) else None)
+                                          for n, v in summary["tokens_per_second_by_turn"].items()}
         results["server_metrics"] = server.metrics_text()
     results["machine"] = machine_info()
     results["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -220,6 +237,13 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{fmt(s['ttft_p50'], '.3f')} | {fmt(s['ttft_p95'], '.3f')} | "
                      f"{s['reused_prompt_tokens']}/{s['prompt_tokens']} | {fmt(s['acceptance_rate'], '.0%')} | "
                      f"{s['identical_to_plain']}/{s['compared']} |")
+    turns = sorted({n for s in results["multi_turn"].values() for n in s.get("speedup_by_turn", {})}, key=int)
+    if turns:
+        lines += ["", "Turn by turn: tok/s per request (median over the conversations) relative to plain decoding on "
+                  "the same turn:", "", "| config | " + " | ".join(f"turn {n}" for n in turns) + " |",
+                  "|---|" + "---:|" * len(turns)]
+        for label, s in results["multi_turn"].items():
+            lines.append(f"| {label} | " + " | ".join(fmt(s["speedup_by_turn"].get(n)) for n in turns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,4 +252,31 @@ def write_serving_report(results: dict[str, Any], out_dir: Path) -> dict[str, Pa
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=2))
     paths["markdown"].write_text(markdown(results))
+    if plot_turns(results, out_dir / "turns.png"):
+        paths["turns_plot"] = out_dir / "turns.png"
     return paths
+
+
+def plot_turns(results: dict[str, Any], path: Path) -> bool:
+    """The multi-turn part's tok/s relative to plain decoding, turn by turn; False without per-turn numbers."""
+    series = {label: s.get("speedup_by_turn") or {} for label, s in results["multi_turn"].items()}
+    if not any(series.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_turn in series.items():
+        points = [(int(n), v) for n, v in by_turn.items() if v is not None]
+        if points:
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("tok/s per request relative to plain")
+    ax.set_title(f"multi-turn ({results['config']['workload']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
