@@ -20,7 +20,9 @@ import numpy as np
 from .picker import TokenPicker
 
 ANCHOR_MAX = 8  # the longest output suffix looked up in the prediction when re-aligning
-ANCHOR_MIN = 2  # shorter suffixes are too ambiguous to re-align on (one token matches all over a file)
+ANCHOR_MIN = 2  # shorter suffixes are too ambiguous to re-align on anywhere (one token matches all over a file)
+NEAR = 16  # ...but one token re-aligns within this many prediction tokens after the last aligned position (an
+# edit usually rejoins the original right after it: a renamed variable, a changed value)
 SURE_ANCHOR = 4  # a re-alignment on this many tokens (or confirmed by SURE_FOLLOWED tokens since) is trusted with
 SURE_FOLLOWED = 2  # the widest verification; a weaker one drafts at the width the scheduler picks
 
@@ -34,7 +36,7 @@ class PredictionDrafter:
         self.name = "prediction" + ("" if fallback.name == "none" else f"+{fallback.name}")
         self.draft_steps = 0
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram of the prediction -> positions after it
-        for n in range(ANCHOR_MIN, ANCHOR_MAX + 1):
+        for n in range(1, ANCHOR_MAX + 1):
             for end in range(n, len(self.prediction) + 1):
                 self.index.setdefault(tuple(self.prediction[end - n:end]), []).append(end)
         self.accepted_tokens = 0  # prediction tokens the output followed
@@ -133,8 +135,9 @@ class PredictionDrafter:
 
     def _realign(self, output: list[int]) -> int | None:
         """The prediction position after the longest suffix of `output` (ANCHOR_MAX..ANCHOR_MIN tokens) that occurs
-        in the prediction, the occurrence nearest to the last aligned position (forwards preferred); None if none
-        occurs or nothing follows it."""
+        in the prediction, the occurrence nearest to the last aligned position (forwards preferred); else after its
+        last token, if that occurs within NEAR tokens after the last aligned position; None if none of these occurs
+        or nothing follows it."""
         for n in range(min(ANCHOR_MAX, len(output)), ANCHOR_MIN - 1, -1):
             ends = self.index.get(tuple(output[len(output) - n:]))
             if not ends:
@@ -143,4 +146,9 @@ class PredictionDrafter:
             end = min(ahead) if ahead else max(ends)
             self.anchor = n
             return end if end < len(self.prediction) else None
+        if output:  # one token: only just ahead of where the output left the prediction
+            near = [end for end in self.index.get((output[-1],), ()) if self.last_cursor < end <= self.last_cursor + NEAR]
+            if near and min(near) < len(self.prediction):
+                self.anchor = 1
+                return min(near)
         return None

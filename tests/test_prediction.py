@@ -65,6 +65,19 @@ def test_realigns_after_a_substitution_an_insertion_and_a_deletion():
     assert drafted(drafter, tokens, k=3) == [124, 125, 126]
 
 
+def test_one_token_realigns_just_ahead_but_not_far_away():
+    prediction = list(range(200, 260))
+    drafter = PredictionDrafter(prediction, NoDrafter())
+    drafter.start(PROMPT)
+    tokens = [*PROMPT, 200, 201, 202, 7]  # a renamed token instead of 203
+    assert drafted(drafter, tokens) == []
+    tokens += [204]  # the original goes on right after the edit: one token re-aligns there
+    assert drafted(drafter, tokens, k=3) == [205, 206, 207]
+    assert drafter.sure(tokens) == 0  # a one-token anchor is not trusted with the widest width
+    tokens += [8, 250]  # another edit, then a token of the prediction far ahead: no re-alignment on one token
+    assert drafted(drafter, tokens) == []
+
+
 def test_realignment_prefers_the_nearest_occurrence_ahead():
     line = [5, 6, 7]  # a line that occurs three times in the file
     prediction = [*line, 50, *line, 60, *line, 70]
