@@ -40,27 +40,31 @@ def smollm2_gguf() -> Path:
     return fetch_model("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def smollm2_layer_skip_draft(smollm2_gguf, tmp_path_factory) -> Path:
-    """A real-weights draft: SmolLM2's first 27 of 30 layers (shared embeddings, norm, head).
-
-    Agrees with the full model on roughly half the tokens: good for exercising accept and reject."""
+def layer_skip_draft(smollm2_gguf: Path, out: Path, layers: int) -> Path:
+    """SmolLM2 cut to its first `layers` decoder layers (shared embeddings, norm, head) as a Hugging Face folder."""
     import json
 
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path_factory.mktemp("smollm2-27l")
     model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    model.model.layers = model.model.layers[:27]
-    model.config.num_hidden_layers = 27
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config))
     save_model(model, str(out / "model.safetensors"))
     AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_layer_skip_draft(smollm2_gguf, tmp_path_factory) -> Path:
+    """A real-weights draft: SmolLM2's first 27 of 30 layers.
+
+    Agrees with the full model on roughly half the tokens: good for exercising accept and reject."""
+    return layer_skip_draft(smollm2_gguf, tmp_path_factory.mktemp("smollm2-27l"), 27)
 
 
 @pytest.fixture(scope="session")

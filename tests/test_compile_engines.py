@@ -85,10 +85,14 @@ def generate_hello(bundle: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(smollm2_gguf, smollm2_layer_skip_draft, tmp_path_factory, trt):
-    """SmolLM2-135M target + 27-layer draft, fp16 ONNX only (no validation: only the graphs matter here)."""
+def onnx_bundle(smollm2_gguf, tmp_path_factory, trt):
+    """SmolLM2-135M target + its first 4 layers as the draft (real weights, a quick engine build), fp16 ONNX only (no
+    validation: only the graphs matter here)."""
+    from conftest import layer_skip_draft
+
+    draft = layer_skip_draft(smollm2_gguf, tmp_path_factory.mktemp("smollm2-4l"), 4)
     out = tmp_path_factory.mktemp("compile") / "smollm2-fp16"
-    config = BuildConfig(target=str(smollm2_gguf), draft=str(smollm2_layer_skip_draft), widths=WIDTHS,
+    config = BuildConfig(target=str(smollm2_gguf), draft=str(draft), widths=WIDTHS,
                          max_context=MAX_CONTEXT, precision="fp16", backend="onnx", validate=False, out=str(out))
     build_bundle(config, progress=Progress(quiet=True))
     return SimpleNamespace(bundle=out, tokens=generate_hello(out),
