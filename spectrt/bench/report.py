@@ -220,6 +220,8 @@ def _llamacpp_section(results: dict[str, Any]) -> list[str]:
                          f"{_fmt(s['time_to_first_token'], '.3f')} | {_x(s['speedup_vs_plain'])} | "
                          f"{_x(s.get('decode_vs_spectrt_plain'))} | {s['exact_match_with_plain']}/{s['prompts']} | "
                          f"{s.get('equals_spectrt_plain', '–')}/{s['prompts']} |")
+    for mode, error in (peer.get("failed_modes") or {}).items():  # llama-cpp-python raised: no numbers for it
+        lines.append(f"\nllama.cpp {mode} failed and is left out: `{error}`")
     return lines + [""]
 
 
