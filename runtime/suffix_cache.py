@@ -7,7 +7,7 @@ drafter (`drafters.NgramDrafter`) finds the longest earlier context that matches
 and drafts what followed it (SuffixDecoding, Oliaro et al. 2024, does the same with suffix trees).
 
 - Memory is bounded by construction: `max_tokens` ring slots (token, sequence, tenant, and per anchor a hash and a
-  chain link: 36 bytes each with two anchors) plus, per anchor, one dict entry per distinct live context; the
+  chain link: 52 bytes each with two anchors) plus, per anchor, one dict entry per distinct live context; the
   oldest tokens are overwritten first and their index entries dropped with them. `stats()` reports the bytes.
 - Index: for each anchor length A (3 and 12 tokens), a hash of (tenant, the A tokens before a position) -> the
   latest position that followed them, each position linking to the previous one with the same hash: a lookup

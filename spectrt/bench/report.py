@@ -273,6 +273,14 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_turn_series(ax, series: dict[str, dict[str, float | None]]) -> None:
+    """One line per configuration: its value (label -> turn number -> value) turn by turn, gaps left out."""
+    for label, by_turn in series.items():
+        points = [(int(n), v) for n, v in by_turn.items() if v is not None]
+        if points:
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+
+
 def plot_turns(results: dict[str, Any], path: Path) -> bool:
     """Decode tok/s relative to spectrt plain, turn by turn, for each multi-turn workload; False if there is none."""
     sessions = {name: data["turns"] for name, data in results["workloads"].items() if data.get("turns")}
@@ -285,11 +293,7 @@ def plot_turns(results: dict[str, Any], path: Path) -> bool:
 
     fig, axes = plt.subplots(1, len(sessions), figsize=(6 * len(sessions), 4), squeeze=False)
     for ax, (workload, turns) in zip(axes[0], sessions.items()):
-        relative = turns.get("vs_llamacpp_plain") or turns["speedup_vs_plain"]
-        for label, by_turn in relative.items():
-            points = [(int(n), v) for n, v in by_turn.items() if v is not None]
-            if points:
-                ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+        plot_turn_series(ax, turns.get("vs_llamacpp_plain") or turns["speedup_vs_plain"])
         ax.axhline(1.0, color="red", linewidth=0.8)
         ax.set_title(f"{workload}: turn by turn")
         ax.set_xlabel("turn")

@@ -204,8 +204,8 @@ def summarize(spec: RunSpec, prompt_results: dict[str, dict], plain_results: dic
     """Aggregate one configuration over the prompts of one workload."""
     runs = [m for result in prompt_results.values() for m in result["metrics"]]
     plain_runs = [m for result in plain_results.values() for m in result["metrics"]]
-    tokens_per_second = {pid: _median([m["tokens_per_second"] for m in r["metrics"]]) for pid, r in prompt_results.items()}
-    plain_tps = {pid: _median([m["tokens_per_second"] for m in r["metrics"]]) for pid, r in plain_results.items()}
+    tokens_per_second = {pid: _decode_speed(r) for pid, r in prompt_results.items()}
+    plain_tps = {pid: _decode_speed(r) for pid, r in plain_results.items()}
     ratios = [tokens_per_second[p] / plain_tps[p] for p in tokens_per_second if tokens_per_second[p] and plain_tps.get(p)]
     drafted = sum(m["drafted_tokens"] for m in runs)
     speculative_rounds = sum(m["speculative_rounds"] for m in runs)
@@ -611,6 +611,7 @@ def _by_turn(per_prompt: dict[str, dict], value: Callable[[str, dict], float | N
 
 
 def _decode_speed(result: dict) -> float | None:
+    """A prompt's decode tokens/s: the median over its runs."""
     return _median([m["tokens_per_second"] for m in result["metrics"]])
 
 
@@ -640,7 +641,7 @@ def add_llamacpp_ratios(results: dict[str, Any], spectrt_plain_ids: dict[str, di
         for summary in data["summaries"]:
             prompts = {pid: r for pid, r in data["per_prompt"][summary["config"]].items() if pid in reference}
             summary["decode_vs_llamacpp_plain"] = _median([
-                _ratio(_median([m["tokens_per_second"] for m in r["metrics"]]), reference[pid]["tokens_per_second"])
+                _ratio(_decode_speed(r), reference[pid]["tokens_per_second"])
                 for pid, r in prompts.items()])
             summary["ttft_vs_llamacpp_plain"] = _median([
                 _ratio(_median([m["time_to_first_token"] for m in r["metrics"]]), reference[pid]["time_to_first_token"])
@@ -652,8 +653,7 @@ def add_llamacpp_ratios(results: dict[str, Any], spectrt_plain_ids: dict[str, di
                 for label, prompts in data["per_prompt"].items()}
             data["turns"]["llamacpp_plain_tokens_per_second"] = _by_turn(
                 reference, lambda pid, r: r["tokens_per_second"])
-        spectrt_plain = {pid: _median([m["tokens_per_second"] for m in r["metrics"]])
-                         for pid, r in data["per_prompt"]["plain"].items()}
+        spectrt_plain = {pid: _decode_speed(r) for pid, r in data["per_prompt"]["plain"].items()}
         for summary in measured["summaries"]:
             rows = {pid: modes[summary["mode"]] for pid, modes in measured["per_prompt"].items()}
             summary["decode_vs_spectrt_plain"] = _median([_ratio(r["tokens_per_second"], spectrt_plain.get(pid))

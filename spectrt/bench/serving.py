@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from spectrt.errors import ConfigError
 
+from .report import plot_turn_series
 from .runner import _percentile, machine_info
 from spectrt.workloads import load_workload
 
@@ -268,10 +269,7 @@ def plot_turns(results: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, by_turn in series.items():
-        points = [(int(n), v) for n, v in by_turn.items() if v is not None]
-        if points:
-            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+    plot_turn_series(ax, series)
     ax.set_xlabel("turn")
     ax.set_ylabel("tok/s per request relative to plain")
     ax.set_title(f"multi-turn ({results['config']['workload']})")
