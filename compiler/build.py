@@ -57,10 +57,12 @@ def check_archs(config: BuildConfig, sources: dict[str, Path]) -> dict[str, Mode
     """Refuse unsupported architectures and impossible contexts from the configs alone (cheap)."""
     archs = {role: arch_from_config(load_config(sources[role]), source=f"{role} '{sources[role]}'") for role in ROLES}
     for role, arch in archs.items():
-        if arch.sliding_window and config.max_context > arch.sliding_window:
-            raise ConfigError(f"max context {config.max_context} exceeds the {role}'s sliding window "
-                              f"{arch.sliding_window}; spectrt graphs use full attention: pass --max-context "
-                              f"<= {arch.sliding_window}.")
+        original = (arch.rope_scaling or {}).get("original_max_position_embeddings")
+        if arch.rope_type == "longrope" and original and config.max_context > original:
+            raise ConfigError(f"max context {config.max_context} exceeds the {role}'s original context ({original}) "
+                              f"of its LongRoPE scaling: beyond it transformers switches every position to the long "
+                              f"factors once the sequence grows past {original}, which a fixed graph cannot follow "
+                              f"exactly; pass --max-context <= {original}.")
         if config.max_context > arch.max_position_embeddings:
             raise ConfigError(f"max context {config.max_context} exceeds the {role}'s trained maximum "
                               f"({arch.max_position_embeddings} positions); pass a smaller --max-context.")
@@ -185,8 +187,7 @@ def export_gguf_blocks(loaded: Any, spec: GraphSpec, onnx_path: Path) -> Any:
             verify_blocks(weight, weights(name), name)
         return weight
 
-    cos, sin = rope_tables(loaded, spec.max_context)
-    build_decoder_onnx(loaded.arch, weights, cos, sin, spec, onnx_path, blocks=blocks)
+    build_decoder_onnx(loaded.arch, weights, rope_tables(loaded, spec.max_context), spec, onnx_path, blocks=blocks)
     return held
 
 

@@ -10,16 +10,24 @@ from .loading import LoadedModel
 from .onnx_graph import GraphSpec, build_decoder_onnx
 
 
-def rope_tables(loaded: LoadedModel, max_context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables [max_context, head_dim] exactly as the model's rotary module computes them."""
+RopeTables = dict[str, tuple[np.ndarray, np.ndarray]]  # rope kind ("full" / "sliding") -> cos, sin [T, rotary dims]
+
+
+def rope_tables(loaded: LoadedModel, max_context: int) -> RopeTables:
+    """cos/sin tables [max_context, rotary dims] exactly as the model's rotary module computes them, one pair per
+    rope kind of the architecture (Gemma 3's sliding layers have their own base)."""
     import torch
 
     rotary = loaded.model.model.rotary_emb
     positions = torch.arange(max_context, dtype=torch.long)[None, :]  # [1, T]
     probe = torch.zeros(1, dtype=torch.float32)
-    with torch.no_grad():
-        cos, sin = rotary(probe, positions)  # [1, T, D] each, attention scaling applied
-    return cos[0].float().numpy(), sin[0].float().numpy()
+    tables = {}
+    for kind in loaded.arch.rope_kinds:
+        extra = () if loaded.arch.local_rope_theta is None else (f"{kind}_attention",)
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions, *extra)  # [1, T, D] each, attention scaling applied
+        tables[kind] = (cos[0].float().numpy(), sin[0].float().numpy())
+    return tables
 
 
 def state_dict_weights(loaded: LoadedModel):
@@ -35,5 +43,5 @@ def state_dict_weights(loaded: LoadedModel):
 
 
 def export_onnx(loaded: LoadedModel, spec: GraphSpec, onnx_path: Path) -> Path:
-    cos, sin = rope_tables(loaded, spec.max_context)
-    return build_decoder_onnx(loaded.arch, state_dict_weights(loaded), cos, sin, spec, onnx_path)
+    return build_decoder_onnx(loaded.arch, state_dict_weights(loaded), rope_tables(loaded, spec.max_context), spec,
+                              onnx_path)

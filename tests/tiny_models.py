@@ -42,10 +42,11 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 300, corpus: list[str] | Non
 def make_model(out_dir: Path, kind: str = "llama", *, layers: int = 2, hidden: int = 64, heads: int = 4,
                kv_heads: int = 2, vocab: int = 300, tie: bool = True, seed: int = 0, tokenizer_vocab: int = 300,
                tokenizer_corpus: list[str] | None = None, rope_scaling: dict | None = None,
-               max_position_embeddings: int = 512, perturb: float = 0.0) -> Path:
+               max_position_embeddings: int = 512, perturb: float = 0.0, **config_options) -> Path:
     """Save a random-weight model (+ tokenizer) as a Hugging Face folder and return it.
 
-    perturb > 0 adds Gaussian noise of that size to every weight (a similar-but-different draft)."""
+    perturb > 0 adds Gaussian noise of that size to every weight (a similar-but-different draft);
+    config_options go to the config as they are (a family's own options: head_dim, layer_types, ...)."""
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig)
 
@@ -58,15 +59,19 @@ def make_model(out_dir: Path, kind: str = "llama", *, layers: int = 2, hidden: i
                   rms_norm_eps=1e-5)
     if rope_scaling:
         kwargs["rope_scaling"] = rope_scaling
+    kwargs.update(config_options)
     config = AutoConfig.for_model(kind, **kwargs)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random weights with some structure so logits are not all ~0
         for param in model.parameters():
             param.normal_(0.0, 0.2 if param.dim() > 1 else 0.05)
+        unit = 0.0 if kind.startswith("gemma") else 1.0  # Gemma's norms multiply by (1 + w)
         for layer in model.model.layers:
-            layer.input_layernorm.weight.fill_(1.0)
-            layer.post_attention_layernorm.weight.fill_(1.0)
-        model.model.norm.weight.fill_(1.0)
+            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm"):
+                if hasattr(layer, norm):
+                    getattr(layer, norm).weight.add_(unit - getattr(layer, norm).weight.mean())
+        model.model.norm.weight.fill_(unit)
         if perturb:  # a draft that resembles the seed's model: same weights plus noise
             noise = torch.Generator().manual_seed(seed + 1000)
             for param in model.parameters():
@@ -74,3 +79,19 @@ def make_model(out_dir: Path, kind: str = "llama", *, layers: int = 2, hidden: i
     model.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(out_dir)
     return out_dir
+
+
+# The options of each newer family's real configurations, at tiny sizes: what makes the family differ from Llama.
+FAMILY_OPTIONS = {
+    # Qwen3: per-head q/k RMSNorm, an explicit head_dim wider than hidden / heads (Qwen3-0.6B: 128 vs 64)
+    "qwen3": dict(head_dim=32),
+    # Phi-3 / Phi-4-mini: fused qkv and gate/up weights, partial rotary (Phi-4-mini: 0.75), a sliding window on
+    # every layer (Phi-3-mini-4k: 2047)
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=12, pad_token_id=0),
+    # Gemma 3: (1 + w) norms, scaled embeddings, GELU-tanh, q/k norm, sandwich norms, query_pre_attn_scalar,
+    # 5 sliding layers (own rope base) per global layer; window shortened so the tests' sequences cross it
+    "gemma3_text": dict(head_dim=32, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+                        sliding_window=10, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+}
