@@ -55,7 +55,9 @@ def resolve_source(name_or_path: str) -> Path:
 
 def check_archs(config: BuildConfig, sources: dict[str, Path]) -> dict[str, ModelArch]:
     """Refuse unsupported architectures and impossible contexts from the configs alone (cheap)."""
-    archs = {role: arch_from_config(load_config(sources[role]), source=f"{role} '{sources[role]}'") for role in ROLES}
+    configs = {path: load_config(path) for path in dict.fromkeys(sources[role] for role in ROLES)}  # a self-draft
+    # reads its file once (a GGUF's metadata holds its whole vocabulary)
+    archs = {role: arch_from_config(configs[sources[role]], source=f"{role} '{sources[role]}'") for role in ROLES}
     for role, arch in archs.items():
         original = (arch.rope_scaling or {}).get("original_max_position_embeddings")
         if arch.rope_type == "longrope" and original and config.max_context > original:
@@ -99,15 +101,22 @@ def draft_output_ids(config: BuildConfig, vocab: int, special_ids: tuple[int, ..
 
 def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int, work_dir: Path,
                         progress: Progress, *, arch: ModelArch, tokenizer: Any,
-                        output_ids: tuple[int, ...] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                        output_ids: tuple[int, ...] | None = None, kept: dict[Path, Any] | None = None,
+                        keep: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load one model, write <role>.onnx(+.data), validate it.
 
-    Returns its manifest entry (without TensorRT) and its generation settings (eos ids, chat template)."""
+    `kept`: loaded models by source, shared between roles (a self-draft reuses its target's load: a GGUF file's
+    load parses its whole vocabulary); `keep` leaves this one there for the next role. Returns its manifest entry
+    (without TensorRT) and its generation settings (eos ids, chat template)."""
     from .export import export_onnx
     from .validate import require_passed, validate_graph
 
-    with progress.step(f"load {role} ({source.name})"):
-        loaded = load_model(source, arch=arch, tokenizer=tokenizer)
+    loaded = kept.pop(source, None) if kept is not None else None
+    if loaded is None:
+        with progress.step(f"load {role} ({source.name})"):
+            loaded = load_model(source, arch=arch, tokenizer=tokenizer)
+    else:
+        progress.say(f"    {role}: the same source as the target, already loaded")
     onnx_path = work_dir / f"{role}.onnx"
     quantize = config.quantize_for(role)
     # Quantized layers compute with int8 activations (MatMulNBits accuracy level 4): fast, and on the CPUs
@@ -165,6 +174,8 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "source": {"name": source.name, "files": loaded.source_files},
     }
     generation = generation_settings(loaded.tokenizer, loaded.generation_config)
+    if keep and kept is not None:
+        kept[source] = loaded
     del loaded
     gc.collect()
     return entry, generation
@@ -286,7 +297,8 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
         config.check_sources(sources)
     with progress.step("check architectures and tokenizers"):
         archs = check_archs(config, sources)
-        tokenizers = {role: load_tokenizer(sources[role]) for role in ROLES}
+        loaded_tokenizers = {path: load_tokenizer(path) for path in dict.fromkeys(sources[role] for role in ROLES)}
+        tokenizers = {role: loaded_tokenizers[sources[role]] for role in ROLES}  # a self-draft shares its target's
         facts = check_pair(tokenizers["target"], tokenizers["draft"])
         vocab = shared_logits_vocab(facts, archs["target"].vocab_size, archs["draft"].vocab_size)
     progress.say(f"    shared tokenizer: {facts.size} ids; logits width {vocab}")
@@ -295,12 +307,13 @@ def build_bundle(config: BuildConfig, *, engines_root: Path = Path("engines"), p
     destination.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.building-", dir=destination.parent))
     try:
-        entries, generation = {}, {}
+        entries, generation, kept = {}, {}, {}
+        self_draft = sources["target"] == sources["draft"]
         for role in ROLES:
             entries[role], generation[role] = export_and_validate(
                 role, sources[role], config, vocab, work_dir, progress, arch=archs[role], tokenizer=tokenizers[role],
                 output_ids=draft_output_ids(config, vocab, tuple(t[0] for t in facts.added_tokens))
-                if role == "draft" else None)
+                if role == "draft" else None, kept=kept, keep=self_draft and role == "target")
         if config.wants_tensorrt:
             for role in ROLES:
                 entries[role]["backends"]["tensorrt"] = compile_tensorrt(role, entries[role], config, work_dir, progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ def rope_tables(loaded: LoadedModel, max_context: int) -> RopeTables:
     rotary = loaded.model.model.rotary_emb
     positions = torch.arange(max_context, dtype=torch.long)[None, :]  # [1, T]
     probe = torch.zeros(1, dtype=torch.float32)
+    per_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma 3's rotary module
     tables = {}
     for kind in loaded.arch.rope_kinds:
-        extra = () if loaded.arch.local_rope_theta is None else (f"{kind}_attention",)
+        extra = (f"{kind}_attention",) if per_layer_type else ()
         with torch.no_grad():
             cos, sin = rotary(probe, positions, *extra)  # [1, T, D] each, attention scaling applied
         tables[kind] = (cos[0].float().numpy(), sin[0].float().numpy())

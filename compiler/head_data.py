@@ -116,6 +116,12 @@ class TargetTables:
     def _rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of table `name` ([V, H] float, or 8-bit blocks `name`.q + .scales) as fp32 [n, H]."""
         if name + ".q" in self._init:
+            unreadable = [part for part in (".zero_points", ".correction") if name + part in self._init]
+            if unreadable:  # a GGUF block type with explicit zero points (Q6_K) or a block minimum (Q4_K, Q5_K)
+                raise ValueError(f"{self.onnx_path.name}: the table {name} is stored as GGUF blocks this reader does "
+                                 f"not dequantize ({', '.join(unreadable)}); a draft head "
+                                 f"can be trained on a bundle whose output layer is 8-bit (int4/int8 recipes, or a "
+                                 f"GGUF whose token embeddings are Q8_0)")
             packed = self._array(name + ".q")  # uint8 [V, blocks, bs]
             blocks = packed.shape[1]
             scales = self._array(name + ".scales").reshape(-1, blocks)  # [V, blocks]

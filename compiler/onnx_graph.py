@@ -412,7 +412,7 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
         # CPU MatMul takes another kernel path for 1-row products (Q.K^T differs by ~1e-5), while every row of
         # a >= 2-row product is computed the same way whatever the row count. The extra row is dropped below.
         q = gb.op("Concat", [q, _last_row(gb, q, axis=2)], axis=2)  # [kv, g, S+1, D]
-    scores = gb.op("MatMul", [q, keys_t])  # [kv, g, S(+1), T]
+    scores = _scores(gb, q, keys_t, head_dim)  # [kv, g, S(+1), T]
     if gb.onnx_dtype != TensorProto.FLOAT:
         scores = gb.op("Cast", [scores], to=TensorProto.FLOAT)
     probs = gb.op("Softmax", [gb.op("Add", [scores, mask])], axis=-1)  # fp32
@@ -426,6 +426,26 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     out = _project(gb, context, f"layers.{layer}.attn.o.weight", [f"{prefix}.o_proj.weight"], weights, spec,
                    blocks)  # [1, S, H]
     return out, new_key, new_value
+
+
+SCORE_CHUNK = 128  # widest head-dim slice one score MatMul sums over (see _scores)
+
+
+def _scores(gb: GraphBuilder, q: str, keys_t: str, head_dim: int) -> str:
+    """q [kv, g, S, D] @ keys_t [kv, 1, D, T] -> [kv, g, S, T]. Heads wider than SCORE_CHUNK (Gemma 3: 256) are
+    summed as MatMuls over 128-dim slices plus an Add: measured on onnxruntime's CPU MatMul (AVX2, 2 threads), a
+    256-deep product gives a row other bits at some row counts and cache lengths (5 of 72 combinations; never at
+    depth 128 or less), which broke greedy exactness of the Gemma 3 270M bundle at width 8; the sliced sum gave
+    identical rows in all 72."""
+    if head_dim <= SCORE_CHUNK:
+        return gb.op("MatMul", [q, keys_t])
+    sizes = [SCORE_CHUNK] * (head_dim // SCORE_CHUNK) + ([head_dim % SCORE_CHUNK] if head_dim % SCORE_CHUNK else [])
+    q_parts = gb.op("Split", [q, gb.ints(sizes)], n_out=len(sizes), axis=-1)
+    key_parts = gb.op("Split", [keys_t, gb.ints(sizes)], n_out=len(sizes), axis=2)
+    scores = gb.op("MatMul", [q_parts[0], key_parts[0]])
+    for q_part, key_part in zip(q_parts[1:], key_parts[1:]):
+        scores = gb.op("Add", [scores, gb.op("MatMul", [q_part, key_part])], prefix="scores")
+    return scores
 
 
 def _mlp(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str, spec: GraphSpec,

@@ -27,12 +27,25 @@ PROMPTS = (
     "The following is a list of the planets of the solar system, in order from the Sun:",
     "In 1969, the Apollo 11 mission",
 )
+LONG_TEXT = ("The river rose slowly through the night, and by morning the lower fields were under water. The farmers "
+             "moved their animals to the hill behind the church, where the ground stayed dry, and waited. ")
+
+
+def long_prompt(generator, tokens: int) -> str:
+    """A prompt of about `tokens` tokens (LONG_TEXT repeated, then a question): longer than a sliding window."""
+    text = ""
+    while len(generator.encode(text + LONG_TEXT, None)) < tokens:
+        text += LONG_TEXT
+    return text + "How many times did the river rise? Answer:"
 
 
 def transformers_greedy(model, prompt_ids: list[int], new_tokens: int, eos_ids: set[int]) -> list[int]:
     """A plain argmax loop with transformers' own KV cache, stopping at an end-of-sequence id (kept)."""
+    import inspect
+
     import torch
 
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens: list[int] = []
     with torch.no_grad():
         out = model(torch.tensor([prompt_ids]), use_cache=True)
@@ -41,7 +54,8 @@ def transformers_greedy(model, prompt_ids: list[int], new_tokens: int, eos_ids: 
             tokens.append(token)
             if token in eos_ids:
                 break
-            out = model(torch.tensor([[token]]), use_cache=True, past_key_values=out.past_key_values)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            out = model(torch.tensor([[token]]), use_cache=True, **{cache_arg: cache})
     return tokens
 
 
@@ -60,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafts", default="none", help="comma-separated drafters to run besides plain (none)")
     parser.add_argument("--widths", default="auto", help="comma-separated widths for each drafter")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--long-prompt-tokens", type=int, default=0,
+                        help="also decode one prompt of about this many tokens (past a sliding window)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -78,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     drafts = [d for d in args.drafts.split(",") if d and d != "none"]
     widths = [w if w == "auto" else int(w) for w in args.widths.split(",")]
     results = []
-    for prompt in PROMPTS:
+    prompts = list(PROMPTS) + ([long_prompt(generator, args.long_prompt_tokens)] if args.long_prompt_tokens else [])
+    for prompt in prompts:
         prompt_ids = generator.encode(prompt, None)
         start = time.perf_counter()
         reference = transformers_greedy(model, prompt_ids, args.new_tokens, eos_ids)

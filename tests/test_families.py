@@ -82,3 +82,70 @@ def test_family_quantized_int8_is_exact_against_its_own_plain_decoding(kind, tin
             for width in (1, 3):
                 out = generator.generate(prompt_ids=prompt, max_new_tokens=NEW_TOKENS, draft=draft, width=width)
                 assert out.token_ids == plain, (draft, width, prompt)
+
+
+def test_phi3_longrope_validates_within_its_original_context_and_refuses_beyond_it(tmp_path):
+    """Phi-3-mini-128k's LongRoPE: transformers uses the short factors while the sequence fits the original context
+    and switches every position to the long ones past it, which a fixed graph cannot follow; spectrt builds the
+    first case exactly and refuses the second with what to pass instead."""
+    from spectrt.errors import ConfigError
+    from tiny_models import make_model
+
+    rotary_pairs = 4  # head_dim 16, partial rotary 0.5 -> 8 rotated dims
+    longrope = {"rope_type": "longrope", "original_max_position_embeddings": 64,
+                "short_factor": [1.0, 1.1, 1.3, 1.6][:rotary_pairs], "long_factor": [1.0, 2.0, 4.0, 8.0][:rotary_pairs]}
+    model = make_model(tmp_path / "phi3-longrope", "phi3", layers=1, seed=9, tie=False, rope_scaling=longrope,
+                       original_max_position_embeddings=64, **FAMILY_OPTIONS["phi3"])  # Phi3Config's own field wins
+    result = build_bundle(BuildConfig(target=str(model), draft=str(model), out=str(tmp_path / "b"), widths=(2,),
+                                      max_context=64), progress=Progress(quiet=True))
+    validation = result.manifest["models"]["target"]["validation"]
+    assert validation["max_abs_logit_diff"] < 1e-4, validation
+    assert result.manifest["models"]["target"]["arch"]["rope_type"] == "longrope"
+    with pytest.raises(ConfigError, match="original context \\(64\\) of its LongRoPE.*--max-context <= 64"):
+        build_bundle(BuildConfig(target=str(model), draft=str(model), out=str(tmp_path / "b2"), widths=(2,),
+                                 max_context=128), progress=Progress(quiet=True))
+
+
+def test_wide_heads_give_every_row_the_same_bits_at_every_row_count(tmp_path):
+    """Gemma 3's 256-dim heads: onnxruntime's CPU MatMul summing 256 deep gave a row other bits at some row counts
+    and cache lengths (the Gemma 3 270M bundle lost exactness at width 8), so the graph sums the scores over 128-dim
+    slices. Probed here on a tiny 256-dim-head model: rows 0-1 of calls of 3..10 rows after 20..500 cached tokens
+    must equal those of a 3-row call (2 rows + the attention's padded row) after the same cache. (With the slicing
+    switched off, onnx_graph.SCORE_CHUNK = 1024, this probe found rows differing after 123 cached tokens in 6-9-row
+    calls on an AMD EPYC, AVX2, 2 threads.) The model has only global layers: Gemma's rotary module then still
+    takes a layer type."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tiny_models import make_model
+
+    options = dict(FAMILY_OPTIONS["gemma3_text"], head_dim=256, layer_types=["full_attention"])
+    model = make_model(tmp_path / "wide", "gemma3_text", layers=1, heads=4, kv_heads=1, seed=4,
+                       max_position_embeddings=1024, **options)
+    result = build_bundle(BuildConfig(target=str(model), draft=str(model), out=str(tmp_path / "b"), widths=(8,),
+                                      max_context=560, validate=False), progress=Progress(quiet=True))
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(result.bundle_dir / "target.onnx"), session_options,
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 300, size=540).astype(np.int64)
+
+    def call(tokens, cache):
+        feeds = {"input_ids": tokens[None, :]}
+        feeds.update({f"past_{kind}_0": cache[kind] for kind in ("key", "value")})
+        logits, key, value = session.run(["logits", "new_key_0", "new_value_0"], feeds)
+        return logits[0], key, value
+
+    empty = np.zeros((1, 0, 1, 256), np.float32)
+    differing = []
+    for cached in (20, 61, 123, 200, 333, 500):
+        _, key, value = call(ids[:cached], {"key": empty, "value": empty})
+        cache = {"key": key, "value": value}
+        reference = call(ids[cached:cached + 2], cache)[0]  # [2, V]: the first two rows
+        for rows in range(3, 10):
+            logits = call(ids[cached:cached + rows], cache)[0]  # the last `rows` rows (logits_rows 9)
+            first_two = logits[:2]
+            if not np.array_equal(first_two.view(np.uint32), reference.view(np.uint32)):
+                differing.append((cached, rows))
+    assert not differing, f"(cached, rows) whose first rows differ from a 2-row call's: {differing}"

