@@ -97,13 +97,19 @@ class TargetTables:
         self._init = {t.name: t for t in model.graph.initializer}
         self.block_size = next((a.i for n in model.graph.node if n.op_type == "MatMulNBits"
                                 for a in n.attribute if a.name == "block_size"), 32)
-        self.quantized = "lm_head.weight.q" in self._init
-        self.vocab, self.hidden_size = self._shape("lm_head.weight" if not self.quantized else "lm_head.weight.q")
+        head = self._table("lm_head.weight", "embed_tokens.weight")  # a tied model's one table may carry either name
+        self.quantized = head + ".q" in self._init
+        self.vocab, self.hidden_size = self._shape(head + ".q" if self.quantized else head)
         self.final_norm = self._array("final_norm.weight").astype(np.float32)
 
+    def _table(self, *names: str) -> str:
+        """The first of `names` stored as a float table or as 8-bit blocks (`name`.q)."""
+        for name in names:
+            if name in self._init or name + ".q" in self._init:
+                return name
+        raise ValueError(f"{self.onnx_path.name}: none of the tables {', '.join(names)}; not a spectrt decoder graph")
+
     def _shape(self, name: str) -> tuple[int, int]:
-        if name not in self._init:  # a tied, unquantized output layer uses the embedding table
-            name = "embed_tokens.weight"
         dims = tuple(self._init[name].dims)
         return (dims[0], dims[1] * dims[2]) if name.endswith(".q") else (dims[0], dims[1])
 
@@ -131,15 +137,11 @@ class TargetTables:
 
     def embeddings(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        name = "embed_tokens.weight" if ("embed_tokens.weight" in self._init
-                                         or "embed_tokens.weight.q" in self._init) else "lm_head.weight"
-        return self._rows(name, ids)
+        return self._rows(self._table("embed_tokens.weight", "lm_head.weight"), ids)
 
     def output_rows(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        name = "lm_head.weight" if ("lm_head.weight" in self._init or "lm_head.weight.q" in self._init) \
-            else "embed_tokens.weight"
-        return self._rows(name, ids)
+        return self._rows(self._table("lm_head.weight", "embed_tokens.weight"), ids)
 
 
 # -- sources -------------------------------------------------------------------------------------------------------

@@ -363,3 +363,36 @@ def test_train_head_killed_at_any_file_operation_leaves_a_bundle_that_verifies(t
             assert not [p.name for p in copy.iterdir() if ".staged-" in p.name or ".placing-" in p.name
                         or ".writing-" in p.name]
         assert killed_at >= 8, operations
+
+
+def test_target_tables_read_a_tied_8bit_table_under_either_name(tmp_path):
+    """A GGUF bundle of a tied model (Gemma 3: Q8_0 token_embd) holds its one table as `embed_tokens.weight.q`; the
+    head's data reader finds it for the output layer too, and refuses block types it cannot dequantize."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from spectrt.compiler.head_data import TargetTables
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, size=(6, 2, 32), dtype=np.uint8)  # [V, blocks, 32]
+    scales = rng.random(12).astype(np.float32)  # [V * blocks]
+
+    def write(path, extra=()):
+        inits = [onnx.numpy_helper.from_array(codes, "embed_tokens.weight.q"),
+                 onnx.numpy_helper.from_array(scales, "embed_tokens.weight.scales"),
+                 onnx.numpy_helper.from_array(np.ones(64, np.float32), "final_norm.weight"), *extra]
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    tables = TargetTables(write(tmp_path / "tied.onnx"))
+    assert (tables.vocab, tables.hidden_size, tables.quantized) == (6, 64, True)
+    expected = ((codes.astype(np.float32) - 128) * scales.reshape(6, 2, 1)).reshape(6, 64)
+    assert np.array_equal(tables.output_rows(np.array([4, 1])), expected[[4, 1]])
+    assert np.array_equal(tables.embeddings(np.array([2])), expected[[2]])
+    minimum = onnx.numpy_helper.from_array(np.zeros((2, 6), np.float32), "embed_tokens.weight.correction")
+    with pytest.raises(ValueError, match="GGUF blocks this reader does not dequantize"):
+        TargetTables(write(tmp_path / "q4k.onnx", [minimum])).output_rows(np.array([0]))
