@@ -114,8 +114,8 @@ def _rope_settings(config: Any, layer_type: str | None = None) -> tuple[float, s
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
     if layer_type is not None:  # transformers may alias rope_scaling to the per-type dict
-        params = params.get(layer_type) or {} if isinstance(params.get(layer_type), dict) else params
-        scaling = scaling.get(layer_type) or {} if isinstance(scaling.get(layer_type), dict) else scaling
+        params = params[layer_type] if isinstance(params.get(layer_type), dict) else params
+        scaling = scaling[layer_type] if isinstance(scaling.get(layer_type), dict) else scaling
     if isinstance(params, dict) and "rope_theta" in params:
         theta = float(params["rope_theta"])
     else:

@@ -92,7 +92,7 @@ def build_head_onnx(shape: HeadShape, weights: dict[str, np.ndarray], embed: np.
         hidden = gb.op("Add", [gb.linear(joined, "fc.weight", weights["fc.weight"], spec),
                                gb.weight("fc.bias", weights["fc.bias"])])  # [1, S, H]
 
-        positions, mask = _positions_and_mask(gb)
+        positions, mask, _ = _positions_and_mask(gb)
         mask = gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # the padded query row's mask
         cos_table, sin_table = default_rope(shape.rope_theta, shape.head_dim, max_context)
         cos = gb.op("Unsqueeze", [gb.op("Gather", [gb.weight("rope.cos", cos_table), positions], axis=0),

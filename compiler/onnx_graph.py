@@ -544,20 +544,10 @@ def _scatter_to_vocab(gb: GraphBuilder, logits: str, ids: np.ndarray, vocab: int
     return gb.op("ScatterElements", [empty, columns, logits], axis=1, prefix="logits_subset")
 
 
-def _sliding_mask(gb: GraphBuilder, mask: str, positions: str, window: int) -> str:
-    """The causal mask [S, T] narrowed to a sliding window: query q sees key k only if q - window < k (as
-    transformers' sliding_window_overlay)."""
-    past_len = gb.op("Gather", [gb.op("Shape", ["past_key_0"]), gb.const(np.array(1, np.int64))], axis=0)
-    total_len = gb.op("Add", [past_len, gb.op("Gather", [gb.op("Shape", ["input_ids"]),
-                                                         gb.const(np.array(1, np.int64))], axis=0)])
-    key_positions = gb.op("Range", [gb.const(np.array(0, np.int64)), total_len, gb.const(np.array(1, np.int64))])
-    oldest = gb.op("Sub", [gb.op("Unsqueeze", [positions, gb.ints([1])]), gb.const(np.array(window, np.int64))])
-    inside = gb.op("Greater", [key_positions, oldest])  # [S, T]
-    return gb.op("Where", [inside, mask, gb.scalar(MASK_VALUE, np.float32)], prefix="sliding_mask")
-
-
-def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
-    """positions [S] = P..P+S-1 and the fp32 additive causal mask [S, T] shared by all layers."""
+def _positions_and_mask(gb: GraphBuilder, window: int | None = None) -> tuple[str, str, str | None]:
+    """positions [S] = P..P+S-1, the fp32 additive causal mask [S, T] shared by all full-attention layers and, with a
+    `window`, the sliding layers' mask: query q sees key k only if q - window < k (transformers'
+    sliding_window_overlay), else None."""
     seq_len = gb.op("Gather", [gb.op("Shape", ["input_ids"]), gb.const(np.array(1, np.int64))], axis=0)
     past_len = gb.op("Gather", [gb.op("Shape", ["past_key_0"]), gb.const(np.array(1, np.int64))], axis=0)
     total_len = gb.op("Add", [past_len, seq_len])
@@ -566,8 +556,13 @@ def _positions_and_mask(gb: GraphBuilder) -> tuple[str, str]:
     key_positions = gb.op("Range", [gb.const(np.array(0, np.int64)), total_len, one])  # [T]
     query_positions = gb.op("Unsqueeze", [positions, gb.ints([1])])  # [S, 1]
     allowed = gb.op("LessOrEqual", [key_positions, query_positions])  # [S, T]
-    mask = gb.op("Where", [allowed, gb.scalar(0.0, np.float32), gb.scalar(MASK_VALUE, np.float32)], prefix="mask")
-    return positions, mask
+    masked = gb.scalar(MASK_VALUE, np.float32)
+    mask = gb.op("Where", [allowed, gb.scalar(0.0, np.float32), masked], prefix="mask")
+    if window is None:
+        return positions, mask, None
+    oldest = gb.op("Sub", [query_positions, gb.const(np.array(window, np.int64))])  # [S, 1]
+    inside = gb.op("Greater", [key_positions, oldest])  # [S, T]
+    return positions, mask, gb.op("Where", [inside, mask, masked], prefix="sliding_mask")
 
 
 FEATURES = "features"  # the optional output: final hidden state [1, S, H] fp32
@@ -646,10 +641,9 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
         if arch.embed_scale is not None:  # Gemma: embeddings times sqrt(hidden), in the embeddings' dtype
             hidden = gb.op("Mul", [hidden, gb.scalar(arch.embed_scale, gb.np_dtype)], prefix="embed_scale")
 
-        positions, causal_mask = _positions_and_mask(gb)
-        masks = {"full": causal_mask}
-        if arch.sliding_window and arch.layer_types and "sliding" in arch.layer_types:
-            masks["sliding"] = _sliding_mask(gb, causal_mask, positions, arch.sliding_window)
+        windowed = "sliding" in (arch.layer_types or ())
+        positions, causal_mask, sliding_mask = _positions_and_mask(gb, arch.sliding_window if windowed else None)
+        masks = {"full": causal_mask} if sliding_mask is None else {"full": causal_mask, "sliding": sliding_mask}
         if spec.pad_attention_rows:  # the mask row of the extra query row _attention adds
             masks = {kind: gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # [S+1, T]
                      for kind, mask in masks.items()}

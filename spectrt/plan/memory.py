@@ -10,12 +10,12 @@ from spectrt.runtime.backends.device_plan import Profile, dynamic_profile, plan_
 from spectrt.runtime.errors import ConfigError
 from spectrt.runtime.invariance import CHUNK_CANDIDATES
 
-PREFILL_CHUNK_MAX = max(CHUNK_CANDIDATES)  # the largest prefill chunk the runtime's call shaping uses (default on)
-
 from . import BACKENDS
 from .calibration import CALIBRATION, CUDA_OVERHEAD, Calibration
 from .devices import Device
 from .shapes import ModelShape, shape_from_entry
+
+PREFILL_CHUNK_MAX = max(CHUNK_CANDIDATES)  # the largest prefill chunk the runtime's call shaping uses (default on)
 from .sources import read_source_config, shapes_from_configs
 
 
