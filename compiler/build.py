@@ -21,13 +21,13 @@ from typing import Any
 
 from spectrt import __version__
 from spectrt.errors import ConfigError
-from spectrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_facts, parse_manifest
+from spectrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, expected_graph_io, file_facts, parse_manifest
 
 from .arch import ModelArch, arch_from_config
 from .bundle_io import check_out_dir, replace_dir_atomically
 from .config import BuildConfig
 from .loading import load_config, load_model, load_tokenizer
-from .onnx_graph import GraphSpec, input_names, output_names
+from .onnx_graph import GraphSpec
 from .pair import check_pair, shared_logits_vocab
 from .progress import Progress, peak_rss_mb
 
@@ -72,17 +72,12 @@ def check_archs(config: BuildConfig, sources: dict[str, Path]) -> dict[str, Mode
 
 
 def tensor_specs(arch: ModelArch, precision: str, vocab: int, logits_rows: int | None = None,
-                 features: bool = False) -> dict[str, list[dict[str, Any]]]:
-    kv = [1, None, arch.num_kv_heads, arch.head_dim]
-    inputs = [{"name": "input_ids", "dtype": "int64", "shape": [1, "seq_len"]}]
-    outputs = [{"name": "logits", "dtype": "fp32", "shape": [1, "seq_len" if logits_rows is None else "logits_rows", vocab]}]
-    if features:
-        outputs.append({"name": "features", "dtype": "fp32", "shape": [1, "seq_len", arch.hidden_size]})
-    for name in input_names(arch.num_layers)[1:]:
-        inputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "past_len" for d in kv]})
-    for name in output_names(arch.num_layers)[1:]:
-        outputs.append({"name": name, "dtype": precision, "shape": [d if d is not None else "seq_len" for d in kv]})
-    return {"inputs": inputs, "outputs": outputs}
+                 features: bool = False, slots: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's graph I/O: the runtime's contract (manifest.expected_graph_io)."""
+    inputs, outputs = expected_graph_io(arch.num_layers, arch.num_kv_heads, arch.head_dim, precision, vocab,
+                                        logits_rows, arch.hidden_size if features else None, slots)
+    return {kind: [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in specs]
+            for kind, specs in (("inputs", inputs), ("outputs", outputs))}
 
 
 def logits_rows_for(role: str, config: BuildConfig) -> int:
@@ -128,7 +123,7 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
     logits_rows = logits_rows_for(role, config)
     features = config.head and role == "target"  # a draft head reads the target's final hidden states
     spec = GraphSpec(config.precision, config.max_context, vocab, quantize=quantize, accuracy_level=level,
-                     logits_rows=logits_rows, output_ids=output_ids, features=features)
+                     logits_rows=logits_rows, output_ids=output_ids, features=features, batch_slots=config.max_batch)
     label = config.precision + (f", {quantize} weights" if spec.quantized else "")
     held = None
     with progress.step(f"export {role} ONNX ({label}, {loaded.arch.num_layers} layers)"):
@@ -142,7 +137,8 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
             report = validate_graph(onnx_path, loaded, precision=config.precision, max_context=config.max_context,
                                     vocab=vocab, widths=config.widths if role == "target" else (1,),
                                     quantize=quantize, logits_rows=logits_rows, output_ids=output_ids,
-                                    features=loaded.arch.hidden_size if features else None)
+                                    features=loaded.arch.hidden_size if features else None,
+                                    batch_slots=config.max_batch)
         progress.say(f"    {role}: {report.summary()}")
         require_passed(report, role)
         validation = report.to_json()
@@ -154,13 +150,14 @@ def export_and_validate(role: str, source: Path, config: BuildConfig, vocab: int
         "logits_vocab": vocab,
         "logits_rows": logits_rows,
         "features": loaded.arch.hidden_size if features else None,
+        "batch_slots": config.max_batch,
         "output_vocab": (None if output_ids is None else
                          {"size": len(output_ids), "lowest_ids": config.draft_vocab,
                           "special_ids": [i for i in output_ids if i >= config.draft_vocab],
                           "rule": "the lowest token ids (BPE merge order) plus added/special tokens; logits of the "
                                   "other ids are -inf"}),
         "widths": list(config.widths) if role == "target" else [],
-        "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows, features),
+        "graph": tensor_specs(loaded.arch, config.precision, vocab, logits_rows, features, config.max_batch),
         "quantization": (gguf_quantization_record(held, spec) if held is not None else
                          {"scheme": quantize,
                           "method": ("affine 4-bit blocks (integer zero point, fitted scale)" if quantize == "int4"

@@ -40,6 +40,7 @@ class BuildConfig:
     # roughly frequency) plus the added/special tokens; the draft never proposes others, the target verifies all
     head: bool = False  # also train a draft head for the target after the build (`spectrt train-head` defaults)
     head_minutes: float = 45.0  # its time budget
+    max_batch: int = 1  # sequences one call of each graph holds (concurrent requests decode together); 1: classic
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(sorted(set(int(w) for w in self.widths))))
@@ -75,6 +76,15 @@ class BuildConfig:
                               f"--precision {self.precision} cannot be combined with it: use --precision fp32.")
         if self.draft_vocab < 0:
             raise ConfigError(f"draft_vocab must be >= 0 (got {self.draft_vocab}); 0 keeps the whole vocabulary.")
+        if not 1 <= self.max_batch <= 64:
+            raise ConfigError(f"max_batch must be 1..64 (got {self.max_batch}).")
+        if self.max_batch > 1 and self.wants_tensorrt:
+            raise ConfigError("--max-batch > 1 builds batched ONNX graphs, which run on ONNX Runtime's CPU path only "
+                              "so far (no TensorRT profiles or GPU executors for them yet); use --backend onnx with "
+                              "it, or build TensorRT engines with --max-batch 1.")
+        if self.max_batch > 1 and self.head:
+            raise ConfigError("--max-batch > 1 and --head cannot be combined yet (the draft head reads one "
+                              "sequence's features); build one bundle for each.")
         if self.workspace_mb is not None and self.workspace_mb <= 0:
             raise ConfigError("workspace_mb must be positive.")
         if self.prefill_opt < 1:

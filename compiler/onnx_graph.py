@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from spectrt.runtime.manifest import expected_graph_io
+
 from .arch import ModelArch
 from .gguf_blocks import CORRECTION_BLOCK, BlockWeight, concat_rows, form, take_rows
 
@@ -46,18 +48,12 @@ DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorPr
 ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can mmap them
 
 
-def input_names(num_layers: int) -> list[str]:
-    names = ["input_ids"]
-    for i in range(num_layers):
-        names += [f"past_key_{i}", f"past_value_{i}"]
-    return names
-
-
-def output_names(num_layers: int) -> list[str]:
-    names = ["logits"]
-    for i in range(num_layers):
-        names += [f"new_key_{i}", f"new_value_{i}"]
-    return names
+def graph_io_dims(arch: ModelArch, vocab: int, spec: "GraphSpec") -> tuple[list[tuple[str, str, tuple]], list[tuple[str, str, tuple]]]:
+    """(name, dtype, shape) of the graph's inputs and outputs: the runtime's contract (manifest.expected_graph_io)."""
+    inputs, outputs = expected_graph_io(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.precision, vocab,
+                                        spec.logits_rows, arch.hidden_size if spec.features else None,
+                                        spec.batch_slots)
+    return ([(t.name, t.dtype, t.shape) for t in inputs], [(t.name, t.dtype, t.shape) for t in outputs])
 
 
 class ExternalDataWriter:
@@ -258,6 +254,7 @@ class GraphSpec:
     pad_attention_rows: bool = True  # attention always sees >= 2 query rows (see _attention): batch invariance
     features: bool = False  # also return the final hidden state (after the last norm) of every position, fp32:
     # the input of a trained draft head (compiler/head.py)
+    batch_slots: int = 1  # sequences one call holds (each its own rows, positions and cache); 1: the classic graph
 
     @property
     def quantized(self) -> bool:
@@ -376,31 +373,50 @@ def _norm_weight(gb: GraphBuilder, arch: ModelArch, name: str, array: np.ndarray
 
 
 def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int, h: str,
-               cos: str, sin: str, mask: str, spec: GraphSpec, blocks: BlockFn | None = None) -> tuple[str, str, str]:
-    """Grouped-query attention over past + new tokens. Returns (attn_out, new_key, new_value)."""
+               cos: str, sin: str, slots: list["SlotRows"], kind: str, spec: GraphSpec,
+               blocks: BlockFn | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """Grouped-query attention of every slot's new rows over that slot's past + new rows. Returns (attn_out
+    [1, N, H], per slot its (new_key, new_value) [1, S_b, kv, D]). The projections run on all N rows at once; each
+    slot's attention is the very subgraph (ops and shapes) a one-sequence graph runs for a call of its S_b rows."""
     prefix = f"model.layers.{layer}.self_attn"
     heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
     qkv_names = ([f"{prefix}.qkv_proj.weight"] if arch.fused_projections
                  else [f"{prefix}.{p}_proj.weight" for p in "qkv"])
-    qkv = _project(gb, h, f"layers.{layer}.attn.qkv.weight", qkv_names, weights, spec, blocks)  # [1, S, (h+2kv)*D]
+    qkv = _project(gb, h, f"layers.{layer}.attn.qkv.weight", qkv_names, weights, spec, blocks)  # [1, N, (h+2kv)*D]
     if arch.attention_bias:
         qkv_bias = np.concatenate([weights(f"{prefix}.{p}_proj.bias") for p in "qkv"])
         qkv = gb.op("Add", [qkv, gb.weight(f"layers.{layer}.attn.qkv.bias", qkv_bias)])
     sizes = gb.ints([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
     q, k, v = gb.op("Split", [qkv, sizes], n_out=3, axis=-1)
-    q = gb.op("Reshape", [q, gb.ints([1, -1, heads, head_dim])])  # [1, S, h, D]
-    k = gb.op("Reshape", [k, gb.ints([1, -1, kv_heads, head_dim])])  # [1, S, kv, D]
-    new_value = gb.op("Reshape", [v, gb.ints([1, -1, kv_heads, head_dim])])
+    q = gb.op("Reshape", [q, gb.ints([1, -1, heads, head_dim])])  # [1, N, h, D]
+    k = gb.op("Reshape", [k, gb.ints([1, -1, kv_heads, head_dim])])  # [1, N, kv, D]
+    values = gb.op("Reshape", [v, gb.ints([1, -1, kv_heads, head_dim])])
     if arch.qk_norm:  # RMSNorm over each head's dims, before rope
         q = _rms_norm(gb, q, _norm_weight(gb, arch, f"layers.{layer}.attn.q_norm.weight",
                                           weights(f"{prefix}.q_norm.weight")), arch.rms_norm_eps)
         k = _rms_norm(gb, k, _norm_weight(gb, arch, f"layers.{layer}.attn.k_norm.weight",
                                           weights(f"{prefix}.k_norm.weight")), arch.rms_norm_eps)
     q = _rotate(gb, q, cos, sin, head_dim, arch.rotary_dim)
-    new_key = _rotate(gb, k, cos, sin, head_dim, arch.rotary_dim)
+    keys = _rotate(gb, k, cos, sin, head_dim, arch.rotary_dim)
+    contexts, new_rows = [], []
+    for slot in slots:
+        q_s, key_s, value_s = (q, keys, values) if slot.bounds is None else (
+            gb.op("Slice", [x, *slot.bounds, gb.ints([1])], prefix=f"slot{slot.index}_rows") for x in (q, keys, values))
+        contexts.append(_attend(gb, arch, layer, q_s, key_s, value_s, slot.masks[kind], slot.suffix, spec))
+        new_rows.append((key_s, value_s))
+    context = contexts[0] if len(contexts) == 1 else gb.op("Concat", contexts, axis=1)  # [1, N, h*D]
+    out = _project(gb, context, f"layers.{layer}.attn.o.weight", [f"{prefix}.o_proj.weight"], weights, spec,
+                   blocks)  # [1, N, H]
+    return out, new_rows
 
-    all_keys = gb.op("Concat", [f"past_key_{layer}", new_key], axis=1)  # [1, T, kv, D]
-    all_values = gb.op("Concat", [f"past_value_{layer}", new_value], axis=1)
+
+def _attend(gb: GraphBuilder, arch: ModelArch, layer: int, q: str, new_key: str, new_value: str, mask: str,
+            suffix: str, spec: GraphSpec) -> str:
+    """One sequence's attention: q [1, S, h, D] (rotated) over past_{key,value}_{layer}{suffix} [1, P, kv, D] and its
+    own new rows [1, S, kv, D], with `mask` [S(+1), P+S]; returns the context [1, S, h*D]."""
+    heads, kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    all_keys = gb.op("Concat", [f"past_key_{layer}{suffix}", new_key], axis=1)  # [1, T, kv, D]
+    all_values = gb.op("Concat", [f"past_value_{layer}{suffix}", new_value], axis=1)
     keys_t = gb.op("Transpose", [all_keys], perm=[2, 0, 3, 1])  # [kv, 1, D, T]
     values_t = gb.op("Transpose", [all_values], perm=[2, 0, 1, 3])  # [kv, 1, T, D]
     q = gb.op("Reshape", [q, gb.ints([-1, kv_heads, arch.kv_groups, head_dim])])  # [S, kv, g, D]
@@ -422,10 +438,7 @@ def _attention(gb: GraphBuilder, arch: ModelArch, weights: WeightFn, layer: int,
     if spec.pad_attention_rows:
         context = gb.op("Slice", [context, gb.ints([0]), gb.ints([-1]), gb.ints([2])])  # [kv, g, S, D]
     context = gb.op("Transpose", [context], perm=[2, 0, 1, 3])  # [S, kv, g, D]
-    context = gb.op("Reshape", [context, gb.ints([1, -1, heads * head_dim])])  # [1, S, h*D]
-    out = _project(gb, context, f"layers.{layer}.attn.o.weight", [f"{prefix}.o_proj.weight"], weights, spec,
-                   blocks)  # [1, S, H]
-    return out, new_key, new_value
+    return gb.op("Reshape", [context, gb.ints([1, -1, heads * head_dim])])  # [1, S, h*D]
 
 
 SCORE_CHUNK = 128  # widest head-dim slice one score MatMul sums over (see _scores)
@@ -544,12 +557,15 @@ def _scatter_to_vocab(gb: GraphBuilder, logits: str, ids: np.ndarray, vocab: int
     return gb.op("ScatterElements", [empty, columns, logits], axis=1, prefix="logits_subset")
 
 
-def _positions_and_mask(gb: GraphBuilder, window: int | None = None) -> tuple[str, str, str | None]:
+def _positions_and_mask(gb: GraphBuilder, window: int | None = None, past: str = "past_key_0",
+                        seq_len: str | None = None) -> tuple[str, str, str | None]:
     """positions [S] = P..P+S-1, the fp32 additive causal mask [S, T] shared by all full-attention layers and, with a
     `window`, the sliding layers' mask: query q sees key k only if q - window < k (transformers'
-    sliding_window_overlay), else None."""
-    seq_len = gb.op("Gather", [gb.op("Shape", ["input_ids"]), gb.const(np.array(1, np.int64))], axis=0)
-    past_len = gb.op("Gather", [gb.op("Shape", ["past_key_0"]), gb.const(np.array(1, np.int64))], axis=0)
+    sliding_window_overlay), else None. P is the length of `past`; S = `seq_len` (a scalar; default: the call's
+    input_ids length)."""
+    if seq_len is None:
+        seq_len = gb.op("Gather", [gb.op("Shape", ["input_ids"]), gb.const(np.array(1, np.int64))], axis=0)
+    past_len = gb.op("Gather", [gb.op("Shape", [past]), gb.const(np.array(1, np.int64))], axis=0)
     total_len = gb.op("Add", [past_len, seq_len])
     one = gb.const(np.array(1, np.int64))
     positions = gb.op("Range", [past_len, total_len, one], prefix="positions")  # [S]
@@ -563,6 +579,64 @@ def _positions_and_mask(gb: GraphBuilder, window: int | None = None) -> tuple[st
     oldest = gb.op("Sub", [query_positions, gb.const(np.array(window, np.int64))])  # [S, 1]
     inside = gb.op("Greater", [key_positions, oldest])  # [S, T]
     return positions, mask, gb.op("Where", [inside, mask, masked], prefix="sliding_mask")
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """One sequence slot of a graph: its cache tensors' name suffix, its rows of the call ([start], [end] 1-D
+    tensors; None: all of them), its positions [S_b] and its attention masks per layer kind [S_b(+1), T_b]."""
+
+    index: int
+    suffix: str
+    bounds: tuple[str, str] | None
+    positions: str
+    masks: dict[str, str]
+
+
+def slot_suffix(slots: int, slot: int) -> str:
+    """The name suffix of a slot's cache tensors: none in a one-sequence graph, `_slot{b}` in a batched one."""
+    return "" if slots == 1 else f"_slot{slot}"
+
+
+def _slot_rows(gb: GraphBuilder, slots: int, window: int | None, pad_attention_rows: bool) -> list[SlotRows]:
+    """Per slot: where its rows lie in the call (the `seq_lens` input, in slot order), their positions after its own
+    cache and its masks. One slot: the whole call, as a one-sequence graph has always computed it."""
+    bounds = None
+    if slots > 1:
+        ends = gb.op("CumSum", ["seq_lens", gb.const(np.array(0, np.int64))])  # [B]
+        bounds = gb.op("Concat", [gb.ints([0]), ends], axis=0)  # [B+1]: slot b's rows are bounds[b]..bounds[b+1]
+    result = []
+    for slot in range(slots):
+        suffix = slot_suffix(slots, slot)
+        seq_len, rows = None, None
+        if bounds is not None:
+            seq_len = gb.op("Gather", ["seq_lens", gb.const(np.array(slot, np.int64))], axis=0)
+            rows = (gb.op("Slice", [bounds, gb.ints([slot]), gb.ints([slot + 1])]),
+                    gb.op("Slice", [bounds, gb.ints([slot + 1]), gb.ints([slot + 2])]))
+        positions, mask, sliding = _positions_and_mask(gb, window, f"past_key_0{suffix}", seq_len)
+        masks = {"full": mask} if sliding is None else {"full": mask, "sliding": sliding}
+        if pad_attention_rows:  # the mask row of the extra query row _attend adds
+            masks = {kind: gb.op("Concat", [m, _last_row(gb, m, axis=0)], axis=0)  # [S+1, T]
+                     for kind, m in masks.items()}
+        result.append(SlotRows(slot, suffix, rows, positions, masks))
+    return result
+
+
+def _logits_rows(gb: GraphBuilder, hidden_2d: str, slots: list[SlotRows], logits_rows: int | None) -> str:
+    """The rows of hidden_2d [N, H] whose logits the call returns: each slot's last min(S_b, logits_rows), in slot
+    order (all rows when logits_rows is None)."""
+    if logits_rows is None:
+        return hidden_2d
+    if len(slots) == 1:  # Slice clamps the start: min(S, R) rows
+        return gb.op("Slice", [hidden_2d, gb.ints([-logits_rows]), gb.ints([2 ** 62]), gb.ints([0])])
+    picks = []
+    for slot in slots:
+        start, end = slot.bounds
+        first = gb.op("Max", [start, gb.op("Sub", [end, gb.ints([logits_rows])])])  # [1]
+        picks.append(gb.op("Range", [gb.op("Squeeze", [first]), gb.op("Squeeze", [end]),
+                                     gb.const(np.array(1, np.int64))]))  # [R_b]
+    rows = gb.op("Concat", picks, axis=0)  # [sum R_b]
+    return gb.op("Gather", [hidden_2d, rows], axis=0, prefix="logits_rows")  # [sum R_b, H]
 
 
 FEATURES = "features"  # the optional output: final hidden state [1, S, H] fp32
@@ -642,11 +716,9 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
             hidden = gb.op("Mul", [hidden, gb.scalar(arch.embed_scale, gb.np_dtype)], prefix="embed_scale")
 
         windowed = "sliding" in (arch.layer_types or ())
-        positions, causal_mask, sliding_mask = _positions_and_mask(gb, arch.sliding_window if windowed else None)
-        masks = {"full": causal_mask} if sliding_mask is None else {"full": causal_mask, "sliding": sliding_mask}
-        if spec.pad_attention_rows:  # the mask row of the extra query row _attention adds
-            masks = {kind: gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # [S+1, T]
-                     for kind, mask in masks.items()}
+        slots = _slot_rows(gb, spec.batch_slots, arch.sliding_window if windowed else None, spec.pad_attention_rows)
+        positions = (slots[0].positions if len(slots) == 1 else
+                     gb.op("Concat", [slot.positions for slot in slots], axis=0, prefix="positions"))  # [N]
         rotations = {}
         for kind, (rope_cos, rope_sin) in rope.items():
             cos_table = gb.weight(f"rope.{kind}.cos" if len(rope) > 1 else "rope.cos",
@@ -656,7 +728,6 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
                                                    gb.ints([0, 2])]),  # [1, S, 1, R]
                                gb.op("Unsqueeze", [gb.op("Gather", [sin_table, positions], axis=0), gb.ints([0, 2])]))
 
-        new_kv_outputs = []
         for layer in range(arch.num_layers):
             prefix = f"model.layers.{layer}"
             kind = arch.layer_type(layer)
@@ -666,8 +737,8 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
                 return _rms_norm(gb, x, _norm_weight(gb, arch, f"layers.{layer}.{name}.weight",
                                                      weights(f"{prefix}.{hf_name}.weight")), arch.rms_norm_eps)
 
-            attn_out, new_key, new_value = _attention(gb, arch, weights, layer, norm(hidden, "input_layernorm", "input_norm"),
-                                                      cos, sin, masks[kind], spec, blocks)
+            attn_out, new_rows = _attention(gb, arch, weights, layer, norm(hidden, "input_layernorm", "input_norm"),
+                                            cos, sin, slots, kind, spec, blocks)
             if arch.sandwich_norms:  # Gemma 3: the output is normed before the residual add, the MLP's input by its own norm
                 attn_out = norm(attn_out, "post_attention_layernorm", "post_attn_norm")
                 hidden = gb.op("Add", [hidden, attn_out], prefix="residual")
@@ -679,17 +750,16 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
                 mlp_out = _mlp(gb, arch, weights, layer, norm(hidden, "post_attention_layernorm", "post_attn_norm"),
                                spec, blocks)
             hidden = gb.op("Add", [hidden, mlp_out], prefix="residual")
-            gb.nodes.append(helper.make_node("Identity", [new_key], [f"new_key_{layer}"]))
-            gb.nodes.append(helper.make_node("Identity", [new_value], [f"new_value_{layer}"]))
-            new_kv_outputs += [f"new_key_{layer}", f"new_value_{layer}"]
+            for slot, (new_key, new_value) in zip(slots, new_rows):
+                gb.nodes.append(helper.make_node("Identity", [new_key], [f"new_key_{layer}{slot.suffix}"]))
+                gb.nodes.append(helper.make_node("Identity", [new_value], [f"new_value_{layer}{slot.suffix}"]))
 
         final_norm = _norm_weight(gb, arch, "final_norm.weight", weights("model.norm.weight"))
         hidden = _rms_norm(gb, hidden, final_norm, arch.rms_norm_eps)
         if spec.features:
             _features_output(gb, hidden)
-        hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [S, H]
-        if spec.logits_rows is not None:  # Slice clamps the start: min(S, R) rows
-            hidden_2d = gb.op("Slice", [hidden_2d, gb.ints([-spec.logits_rows]), gb.ints([2 ** 62]), gb.ints([0])])
+        hidden_2d = gb.op("Reshape", [hidden, gb.ints([-1, arch.hidden_size])])  # [N, H]
+        hidden_2d = _logits_rows(gb, hidden_2d, slots, spec.logits_rows)  # [R, H]
         if gguf and isinstance(gguf_head, StoredBlocks):
             logits = gb.block_linear(hidden_2d, gguf_head, spec.accuracy_level, rank=2)  # [R, V|Vo]
         elif gguf:
@@ -706,17 +776,9 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
     finally:
         writer.close()
 
-    kv_shape_past = [1, "past_len", arch.num_kv_heads, arch.head_dim]
-    kv_shape_new = [1, "seq_len", arch.num_kv_heads, arch.head_dim]
-    graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq_len"])]
-    logits_dim = "seq_len" if spec.logits_rows is None else "logits_rows"
-    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, logits_dim, vocab])]
-    if spec.features:
-        graph_outputs.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [1, "seq_len", arch.hidden_size]))
-    for layer in range(arch.num_layers):
-        for kind in ("key", "value"):
-            graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}_{layer}", onnx_dtype, kv_shape_past))
-            graph_outputs.append(helper.make_tensor_value_info(f"new_{kind}_{layer}", onnx_dtype, kv_shape_new))
+    elem_types = {"int64": TensorProto.INT64, "fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+    graph_inputs, graph_outputs = ([helper.make_tensor_value_info(name, elem_types[dtype], list(shape))
+                                    for name, dtype, shape in specs] for specs in graph_io_dims(arch, vocab, spec))
     graph = helper.make_graph(gb.nodes, "spectrt_decoder", graph_inputs, graph_outputs, gb.initializers)
     return write_model(graph, onnx_path, quantized=spec.quantized)
 

@@ -98,15 +98,20 @@ def run_graph_in_chunks(decoder: Any, token_ids: np.ndarray, plan: list[int]) ->
 def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context: int, vocab: int,
                    widths: tuple[int, ...], texts: tuple[str, ...] = VALIDATION_TEXTS, threads: int = 0,
                    quantize: str = "none", logits_rows: int | None = None,
-                   output_ids: tuple[int, ...] | None = None, features: int | None = None) -> ValidationReport:
+                   output_ids: tuple[int, ...] | None = None, features: int | None = None,
+                   batch_slots: int = 1) -> ValidationReport:
     """Compare the graph's logits with transformers' on `texts`, fed in chunks as the runtime feeds them. A graph
     whose output layer covers only `output_ids` is compared on those columns (the others are -inf by design)."""
     from spectrt.runtime.backends.onnxruntime_backend import OrtDecoder, OrtOptions
 
     arch = loaded.arch
-    decoder = OrtDecoder(onnx_path, num_layers=arch.num_layers, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-                         precision=precision, max_context=max_context, vocab=vocab, options=OrtOptions(threads=threads),
-                         logits_rows=logits_rows, features=features)
+    if batch_slots > 1:  # a batched graph: its last slot, after a sequence of filler rows in each earlier one
+        decoder = _last_slot_decoder(onnx_path, arch, precision=precision, max_context=max_context, vocab=vocab,
+                                     threads=threads, logits_rows=logits_rows, batch_slots=batch_slots)
+    else:
+        decoder = OrtDecoder(onnx_path, num_layers=arch.num_layers, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                             precision=precision, max_context=max_context, vocab=vocab,
+                             options=OrtOptions(threads=threads), logits_rows=logits_rows, features=features)
     diffs, agree, positions, plans = [], 0, 0, []
     for text in texts:
         token_ids = np.array(loaded.tokenizer(text)["input_ids"], dtype=np.int64)[: max_context]
@@ -128,6 +133,35 @@ def validate_graph(onnx_path: Path, loaded: Any, *, precision: str, max_context:
                               chunk_lengths=plans, thresholds=asdict(limits),
                               passed=max_diff <= limits.max_abs_logit_diff and agreement >= limits.min_argmax_agreement)
     return report
+
+
+def _last_slot_decoder(onnx_path: Path, arch: Any, *, precision: str, max_context: int, vocab: int, threads: int,
+                       logits_rows: int | None, batch_slots: int):
+    """A decoder over the last slot of a batched graph whose every call also carries 3 filler rows in each other slot
+    (so validation checks a sequence's rows inside a batch, not alone)."""
+    from types import SimpleNamespace
+
+    from spectrt.runtime.backends.onnxruntime_backend import (BATCH_DEPENDENT_OPTIMIZERS, OrtOptions, _import_ort,
+                                                              session_options)
+    from spectrt.runtime.batching import BatchedGraph, SlotDecoder
+
+    ort = _import_ort()
+    session = ort.InferenceSession(str(onnx_path), session_options(ort, OrtOptions(threads=threads)),
+                                   providers=["CPUExecutionProvider"], disabled_optimizers=BATCH_DEPENDENT_OPTIMIZERS)
+    entry = SimpleNamespace(batch_slots=batch_slots, num_layers=arch.num_layers, max_context=max_context,
+                            logits_vocab=vocab, logits_rows=logits_rows, num_kv_heads=arch.num_kv_heads,
+                            head_dim=arch.head_dim, precision=precision)
+    graph = BatchedGraph(session, entry, batch_slots)
+    last = batch_slots - 1
+
+    class WithFillers(SlotDecoder):
+        def _forward(self, token_ids: np.ndarray) -> np.ndarray:
+            for index in range(last):
+                graph.caches[index].rollback(0)
+            calls = [(index, np.full(3, index + 1, np.int64)) for index in range(last)]
+            return graph.run(calls + [(last, np.asarray(token_ids, np.int64).reshape(-1))])[-1]
+
+    return WithFillers(graph, last)
 
 
 def require_passed(report: ValidationReport, role: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from spectrt.runtime.errors import BackendUnavailableError, GenerationError
 
 from .constraints import ConstraintCompiler, ConstraintMetrics, ConstraintSpec, RequestConstraint, constraint_spec
+from .batching import BatchSetup, setup_batching
 from .drafters import make_drafter
 from .invariance import establish_invariance
 from .loop import LoopState, speculative_decode
@@ -225,7 +226,7 @@ class Generator:
 
     def __init__(self, bundle: str | Path, *, backend: str = "auto", threads: int = 0, provider: str = "auto",
                  verify: str = "cached", load_draft: bool = True, invariance: str = "measure",
-                 suffix_cache_tokens: int = DEFAULT_MAX_TOKENS):
+                 suffix_cache_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 1, prefix_slots: int = 0):
         if backend not in BACKENDS:
             raise GenerationError(f"backend '{backend}' unknown; choose one of {', '.join(BACKENDS)}.")
         if verify not in ("full", "cached", "none"):
@@ -235,6 +236,9 @@ class Generator:
         if isinstance(suffix_cache_tokens, bool) or not isinstance(suffix_cache_tokens, int) or suffix_cache_tokens < 0:
             raise GenerationError(f"suffix_cache_tokens must be an integer >= 0 (0: no cache; got "
                                   f"{suffix_cache_tokens!r}).")
+        for name, value, least in (("max_batch", max_batch, 1), ("prefix_slots", prefix_slots, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise GenerationError(f"{name} must be an integer >= {least} (got {value!r}).")
         self.suffix_cache = SuffixCache(suffix_cache_tokens) if suffix_cache_tokens else None
         self.manifest = read_manifest(bundle)
         if verify != "none":
@@ -247,15 +251,24 @@ class Generator:
             entries["draft"] = self.manifest.draft
         if backend == "auto":
             backend = "tensorrt" if _tensorrt_path_available(entries) else "onnxruntime"
-        decoders = _make_decoders(self.manifest, entries, backend, threads, provider)
-        self.draft = decoders.get("draft")
+        self.max_batch = max_batch
+        self.batch: BatchSetup | None = None  # requests on cache slots (several at once, or several prefixes kept)
         self.pad_guesses = True  # rows a shaped call pads with carry free n-gram guesses (see loop.PadGuesser)
-        # which row counts give a row the same logits on this machine, and the target's calls shaped to them
-        self.invariance, self.target = establish_invariance(self.manifest, decoders["target"], mode=invariance,
-                                                            backend=backend, threads=threads)
+        if max_batch > 1 or prefix_slots > 1 or self.manifest.target.batch_slots > 1:  # a batched graph runs here
+            self.batch = setup_batching(self.manifest, entries, backend=backend, provider=provider, threads=threads,
+                                        max_batch=max_batch, cache_slots=max(prefix_slots, max_batch),
+                                        invariance=invariance)
+            self.invariance, self.target, self.draft = self.batch.report, self.batch.targets[0], self.batch.drafts[0]
+        else:
+            decoders = _make_decoders(self.manifest, entries, backend, threads, provider)
+            self.draft = decoders.get("draft")
+            # which row counts give a row the same logits on this machine, and the target's calls shaped to them
+            self.invariance, self.target = establish_invariance(self.manifest, decoders["target"], mode=invariance,
+                                                                backend=backend, threads=threads)
         self._target_in_use = self.target  # what the report describes (see `unshaped`)
         self.head = None  # the trained draft head (ONNX Runtime CPU), when the bundle has one
-        if load_draft and self.manifest.head is not None and getattr(self.target, "features_size", None):
+        if (self.batch is None and load_draft and self.manifest.head is not None
+                and getattr(self.target, "features_size", None)):
             from .backends.onnxruntime_backend import OrtOptions
             from .head_drafter import load_head
 
@@ -273,6 +286,7 @@ class Generator:
         self.clock = time.perf_counter  # every duration in the metrics is read from this clock
         self._lock = threading.Lock()
         self._holder: int | None = None  # thread ident of the running request
+        self._holders: set[int] = set()  # batched: thread idents of the running requests
         # guards _costs, _acceptance and _last_width: the running request writes them on its thread while
         # scheduler_state is read from others (a server's metrics scrape)
         self._state_lock = threading.Lock()
@@ -317,6 +331,14 @@ class Generator:
             return {drafter: {"width": width, "acceptance": greedy[drafter].value if greedy[drafter] else None}
                     for drafter, width in widths.items()}
 
+    def batch_stats(self) -> dict[str, Any]:
+        """What the batch loop did so far: model calls, requests' steps they held, the largest batch, filler rows,
+        running requests and max_batch (zeros for a generator that runs one request at a time)."""
+        if self.batch is None:
+            return {"max_batch": 1, "calls": {}, "sequences": {}, "mean_sequences_per_call": {},
+                    "max_sequences_per_call": 0, "filler_rows": 0, "deferred_calls": 0, "running_requests": 0}
+        return {"max_batch": self.max_batch, **self.batch.batcher.stats.to_json()}
+
     @property
     def exact(self) -> bool:
         """Whether speculative output is token for token plain decoding's on this machine (as measured at load)."""
@@ -326,6 +348,9 @@ class Generator:
     def unshaped(self) -> Iterator[None]:
         """Inside the block the target's calls run with the row counts asked for, not shaped for invariance: for
         measuring what the shaping costs. Requests in it report `exact: false` unless every count agrees here."""
+        if self.batch is not None:
+            raise GenerationError("unshaped() measures one sequence's calls; load the bundle without max_batch / "
+                                  "prefix_slots for that.")
         shaped = self._target_in_use
         self.target = getattr(shaped, "inner", shaped)
         try:
@@ -373,9 +398,14 @@ class Generator:
         request running on another thread to finish; afterwards every request is refused. Idempotent."""
         if self._closed:
             return
+        if self.batch is not None:
+            self.batch.pool.drain()  # waits for running requests; afterwards the pool hands out no cache
         self._acquire()
         try:
             self._closed = True
+            if self.batch is not None:
+                for graph in self.batch.graphs.values():
+                    graph.close()
             decoders = (getattr(self.target, "inner", self.target), self.draft, self.head)
             seen: set[int] = set()
             for decoder in decoders:
@@ -433,40 +463,90 @@ class Generator:
             raise GenerationError("the draft head reads the target's features, which this backend does not return "
                                   "(only the ONNX Runtime CPU path does so far); use --provider cpu, or another "
                                   "drafter.")
+        if self.batch is not None and config.draft.endswith("head"):
+            raise GenerationError("the draft head does not run on cache slots yet (max_batch / prefix_slots); load "
+                                  "the bundle without them to use it, or use another drafter.")
         cache = (CacheView(self.suffix_cache, config.suffix_cache_key)
                  if self.suffix_cache is not None and config.suffix_cache else None)
-        drafter = make_drafter(config.draft, self.draft, constrained=spec is not None, head=self.head,
-                               target=self.target, cache=cache, max_width=max(self.built_widths))
+        predicted = None
         if config.prediction is not None:
             predicted = (self.tokenizer.tokenizer.encode(config.prediction, add_special_tokens=False).ids
                          if isinstance(config.prediction, str) else list(config.prediction))
             vocab = self.manifest.target.logits_vocab
             if any(not 0 <= t < vocab for t in predicted):
                 raise GenerationError(f"prediction token ids must lie in 0..{vocab - 1}.")
-            drafter = PredictionDrafter(predicted, drafter)
+
+        def drafter_for(target, draft):
+            drafter = make_drafter(config.draft, draft, constrained=spec is not None, head=self.head,
+                                   target=target, cache=cache, max_width=max(self.built_widths))
+            return drafter if predicted is None else PredictionDrafter(predicted, drafter)
+
+        drafter_for(self.target, self.draft)  # validates the drafter now
         width = 0 if config.draft == "none" and config.prediction is None else config.width
         WidthScheduler(self.built_widths, width)  # validates the width now
         # validated now; a constrained request always has an end token (the bundle's, if eos_ids was emptied)
         constraint = (self.constraints.compile(spec, self.eos_ids or self.constraints.eos_ids) if spec is not None
                       else None)
-        return self._run(config, prompt_ids, drafter, width, constraint)
+        return self._run(config, prompt_ids, drafter_for, width, constraint)
 
-    def _run(self, config: GenerateConfig, prompt_ids: list[int], drafter, width,
+    def _run(self, config: GenerateConfig, prompt_ids: list[int], drafter_for, width,
              constraint: RequestConstraint | None = None) -> Iterator[StreamChunk]:
         final = None
-        queued = self._acquire()
+        if self.batch is None:
+            queued = self._acquire()
+            target, draft, release, batcher = self.target, self.draft, self._release, None
+        else:
+            queued, slot = self._acquire_slot(prompt_ids)
+            target, draft, batcher = self.batch.targets[slot], self.batch.drafts[slot], self.batch.batcher
+
+            def release() -> None:
+                self._release_slot(slot)
         try:
-            for chunk in self._stream_locked(config, prompt_ids, drafter, width, queued, constraint):
+            drafter = drafter_for(target, draft)
+            for chunk in self._stream_locked(config, prompt_ids, drafter, width, queued, constraint, target):
                 if chunk.token_id is None:
                     final = chunk
-                else:
+                elif batcher is None:
                     yield chunk
+                else:  # while the consumer holds the token, the batch does not wait for this request
+                    batcher.pause()
+                    try:
+                        yield chunk
+                    finally:
+                        batcher.resume()
         finally:
-            self._release()
+            release()
         yield final  # after the release: a consumer that stops at the finish reason does not hold the Generator
 
+    def _acquire_slot(self, prompt_ids: list[int]) -> tuple[float, int]:
+        """Batched: wait for a cache slot (the free one sharing the longest prefix with the prompt); returns (seconds
+        waited, its index). The request then runs in the batch loop until `_release_slot`."""
+        ident = threading.get_ident()
+        with self._state_lock:
+            if ident in self._holders:
+                raise GenerationError("this thread already runs a request on this Generator (an unfinished stream?); "
+                                      "read that stream to the end or call its .close() first.")
+            self._holders.add(ident)
+        start = self.clock()
+        try:
+            slot = self.batch.pool.acquire(prompt_ids, lambda index: getattr(self.batch.targets[index], 'inner', self.batch.targets[index]).cached_tokens)
+        except BaseException:
+            with self._state_lock:
+                self._holders.discard(ident)
+            raise
+        self.batch.batcher.enter()
+        return self.clock() - start, slot
+
+    def _release_slot(self, slot: int) -> None:
+        self.batch.batcher.leave()
+        self.batch.pool.release(slot)
+        with self._state_lock:
+            self._holders.discard(threading.get_ident())
+
     def _stream_locked(self, config: GenerateConfig, prompt_ids: list[int], drafter, width,
-                       queued: float, constraint: RequestConstraint | None = None) -> Iterator[StreamChunk]:
+                       queued: float, constraint: RequestConstraint | None = None,
+                       target=None) -> Iterator[StreamChunk]:
+        target = self.target if target is None else target
         params = config.sampling
         seed = None if params.greedy else (config.seed if config.seed is not None else random_seed())
         long_run = self._long_run_acceptance(config)
@@ -480,7 +560,7 @@ class Generator:
         decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
         stopper = StopMatcher(config.stop)
         output_ids: list[int] = []  # what the suffix cache remembers of this request
-        tokens = speculative_decode(self.target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
+        tokens = speculative_decode(target, drafter, scheduler, prompt_ids, max_new_tokens=config.max_new_tokens,
                                     picker=picker, eos_ids=constraint.eos_ids if constraint else self.eos_ids,
                                     metrics=metrics, state=state,
                                     clock=self.clock, reuse_prefix=config.reuse_prefix,

@@ -67,6 +67,7 @@ class ModelEntry:
     onnx_data: str | None = None  # the ONNX graph's external-data file (relative), if any
     logits_rows: int | None = None  # the graph returns logits for the last min(S, logits_rows) positions (None: all)
     features: int | None = None  # hidden size of the `features` output (final hidden state of every position)
+    batch_slots: int = 1  # sequences one call of the graph can hold (expected_graph_io)
 
     @property
     def tensorrt_path(self) -> str | None:
@@ -248,21 +249,36 @@ def _validate_schema(bundle_dir: Path, data: dict[str, Any]) -> None:
 # -- semantic checks (what the schema cannot say) ---------------------------------------------------
 
 
+def slot_suffix(slots: int, slot: int) -> str:
+    """The name suffix of a slot's cache tensors: none in a one-sequence graph, `_slot{b}` in a batched one."""
+    return "" if slots == 1 else f"_slot{slot}"
+
+
 def expected_graph_io(num_layers: int, kv_heads: int, head_dim: int, precision: str, vocab: int,
-                      logits_rows: int | None = None, features: int | None = None
+                      logits_rows: int | None = None, features: int | None = None, slots: int = 1
                       ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The graph I/O contract (engines/README.md) for these architecture numbers; with `logits_rows` the
     logits cover the last min(seq_len, logits_rows) positions only; with `features` (a hidden size) the graph also
-    returns the final hidden state of every position."""
+    returns the final hidden state of every position.
+
+    A batched graph (`slots` > 1) takes the rows of up to `slots` sequences in one call: input_ids holds them one
+    sequence after another, `seq_lens` [slots] says how many each has (0: an unused slot), each slot has its own
+    past/new cache tensors (suffix `_slot{b}`), and the logits are each slot's last min(S_b, logits_rows) rows in
+    slot order."""
     inputs = [TensorSpec("input_ids", "int64", (1, "seq_len"))]
+    if slots > 1:
+        inputs.append(TensorSpec("seq_lens", "int64", (slots,)))
     outputs = [TensorSpec("logits", "fp32", (1, "seq_len" if logits_rows is None else "logits_rows", vocab))]
     if features is not None:
         outputs.append(TensorSpec("features", "fp32", (1, "seq_len", features)))
     for i in range(num_layers):
-        inputs += [TensorSpec(f"past_{kind}_{i}", precision, (1, "past_len", kv_heads, head_dim))
-                   for kind in ("key", "value")]
-        outputs += [TensorSpec(f"new_{kind}_{i}", precision, (1, "seq_len", kv_heads, head_dim))
-                    for kind in ("key", "value")]
+        for slot in range(slots):
+            suffix = slot_suffix(slots, slot)
+            past_len, seq_len = ("past_len", "seq_len") if slots == 1 else (f"past_len{suffix}", f"seq_len{suffix}")
+            inputs += [TensorSpec(f"past_{kind}_{i}{suffix}", precision, (1, past_len, kv_heads, head_dim))
+                       for kind in ("key", "value")]
+            outputs += [TensorSpec(f"new_{kind}_{i}{suffix}", precision, (1, seq_len, kv_heads, head_dim))
+                        for kind in ("key", "value")]
     return tuple(inputs), tuple(outputs)
 
 
@@ -324,6 +340,7 @@ def _model_entry(role: str, data: dict[str, Any]) -> ModelEntry:
         onnx_data=onnx.get("data") if onnx is not None else None,
         logits_rows=data.get("logits_rows"),
         features=data.get("features"),
+        batch_slots=data.get("batch_slots", 1),
     )
 
 
@@ -362,7 +379,7 @@ def _check_model(entry: ModelEntry) -> None:
         raise BundleError(f"manifest field '{where}.role' says '{declared_role}' under models.{role}; the manifest "
                           f"is inconsistent: rebuild the bundle.")
     inputs, outputs = expected_graph_io(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.precision,
-                                        entry.logits_vocab, entry.logits_rows, entry.features)
+                                        entry.logits_vocab, entry.logits_rows, entry.features, entry.batch_slots)
     for kind, declared, expected in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
         problem = compare_io(kind, declared, expected)
         if problem:

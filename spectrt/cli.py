@@ -68,6 +68,9 @@ def _build_options(func):
                      help="Also train a draft head for the target (`spectrt train-head` with its defaults; the "
                           "target graph then returns its features) [default: off]."),
         click.option("--head-minutes", type=float, help="Time budget of the head's training [default: 45]."),
+        click.option("--max-batch", type=int,
+                     help="Graphs that hold up to N sequences per call, so concurrent requests decode together "
+                          "(`spectrt serve --max-batch N`); ONNX Runtime CPU only [default: 1]."),
         click.option("--out", help="Bundle folder [default: engines/<name>]: missing, empty, or an earlier bundle "
                                    "(with --overwrite); any other folder is refused, never deleted."),
         click.option("--overwrite", is_flag=True, default=False,
@@ -691,11 +694,17 @@ def demo_command(small: bool, int4: bool, max_new_tokens: int, prompt: str | Non
 @click.option("--suffix-cache-tokens", type=click.IntRange(min=0), default=SUFFIX_CACHE_TOKENS, show_default=True,
               help="Tokens of earlier requests (prompts and outputs) the n-gram drafter may draft from; 0: no cache. "
                    "Requests share one partition unless they pass prompt_cache_key (see docs/suffix-cache.md).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests decoded together, their steps in shared model calls (needs a bundle built with "
+                   "--max-batch >= N); each request's output is the one it has alone.")
+@click.option("--prefix-slots", type=click.IntRange(min=0), default=0, show_default=True,
+              help="KV caches kept for earlier conversations (least recently used evicted), so interleaved "
+                   "clients each reuse their own prompt prefix [0: --max-batch of them].")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queue: int, max_tokens: int,
                   pacing: str, max_pacing_delay: float, threads: int, backend: str, provider: str, invariance: str,
-                  suffix_cache_tokens: int, log_level: str) -> None:
+                  suffix_cache_tokens: int, max_batch: int, prefix_slots: int, log_level: str) -> None:
     """Serve BUNDLE over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models), with
     /health and Prometheus /metrics.
 
@@ -713,7 +722,7 @@ def serve_command(bundle: Path, host: str, port: int, name: str | None, max_queu
     if max_queue < 0 or max_tokens < 1 or max_pacing_delay < 0:
         raise ConfigError("--max-queue must be >= 0, --max-tokens >= 1 and --max-pacing-delay >= 0.")
     generator = Generator(bundle, backend=backend, threads=threads, provider=provider, invariance=invariance,
-                          suffix_cache_tokens=suffix_cache_tokens)
+                          suffix_cache_tokens=suffix_cache_tokens, max_batch=max_batch, prefix_slots=prefix_slots)
     if not generator.invariance.exact:
         click.secho(f"warning: {generator.invariance.summary()}", fg="yellow", err=True)
     config = ServeConfig(model_name=name or generator.manifest.name, max_queue=max_queue,

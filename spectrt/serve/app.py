@@ -52,7 +52,8 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     when the server stops (the lifespan ends), the engine stops and the generator is closed."""
     cache = getattr(generator, "suffix_cache", None)
     metrics = ServerMetrics(config.model_name, lambda: engine.queue_depth, generator.scheduler_state,
-                            generator.invariance, cache.stats if cache is not None else None)
+                            generator.invariance, cache.stats if cache is not None else None,
+                            generator.batch_stats if getattr(generator, "max_batch", 1) > 1 else None)
     engine = Engine(generator, max_queue=config.max_queue, on_cancelled=lambda job: _safely(
         metrics.observe_cancelled_tokens, job.label, job.generated))
 

@@ -1,6 +1,7 @@
-"""One Generator, one worker thread, a bounded queue: how `spectrt serve` runs requests.
+"""One Generator, its worker threads, a bounded queue: how `spectrt serve` runs requests.
 
-The Generator runs one request at a time, so requests wait their turn in a queue of `max_queue`
+The Generator runs `max_batch` requests at a time (1 unless it was loaded with more: then their steps share
+model calls, runtime/batching.py), one per worker thread; the others wait their turn in a queue of `max_queue`
 places; beyond that, `submit` refuses at once (the server answers 429). A request's set-up
 (`Generator.stream`: tokenizing, the chat template, compiling a constraint) runs on a set-up
 thread, never on the event loop: llguidance compiles with the GIL released (measured: a thread
@@ -47,7 +48,8 @@ _END = object()
 
 
 class Engine:
-    """Runs the requests of one Generator on a single worker thread; at most `max_queue` wait.
+    """Runs the requests of one Generator on its worker threads (one per request it runs at once); at most
+    `max_queue` wait.
 
     `on_cancelled(job)` runs on the worker when it stops a cancelled job early, before the Generator is
     freed: whatever it records is visible by the time any later request finishes."""
@@ -57,7 +59,8 @@ class Engine:
         self.generator = generator
         self.max_queue = max_queue
         self.on_cancelled = on_cancelled
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectrt-generate")
+        self.workers = max(1, int(getattr(generator, "max_batch", 1)))  # requests that run at once
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="spectrt-generate")
         self._setup = ThreadPoolExecutor(max_workers=setup_threads, thread_name_prefix="spectrt-setup")
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -65,8 +68,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for the Generator (the running one excluded)."""
-        return max(self.in_flight - 1, 0)
+        """Requests waiting for the Generator (the running ones excluded)."""
+        return max(self.in_flight - self.workers, 0)
 
     async def submit(self, setup: Callable[[], Iterator[StreamChunk]], label: str = "") -> Job:
         """Take a place in the queue (QueueFull when none is left), run `setup` (e.g. `Generator.stream(...)`,
@@ -92,7 +95,7 @@ class Engine:
 
     def _take_place(self) -> None:
         with self._lock:
-            if self.in_flight >= self.max_queue + 1:
+            if self.in_flight >= self.max_queue + self.workers:
                 raise QueueFull(f"the server is busy: {self.queue_depth} requests are waiting (--max-queue "
                                 f"{self.max_queue}); retry later.")
             self.in_flight += 1

@@ -20,7 +20,8 @@ class ServerMetrics:
 
     def __init__(self, bundle: str, queue_depth: Callable[[], int],
                  scheduler_state: Callable[[], dict[str, dict[str, Any]]], exactness=None,
-                 suffix_cache_stats: Callable[[], dict[str, int]] | None = None):
+                 suffix_cache_stats: Callable[[], dict[str, int]] | None = None,
+                 batch_stats: Callable[[], dict[str, Any]] | None = None):
         self.bundle = bundle
         self.registry = CollectorRegistry()
         if exactness is not None:  # the generator's InvarianceReport
@@ -62,6 +63,19 @@ class ServerMetrics:
         self.acceptance = Gauge("spectrt_acceptance_estimate", "Long-run per-token acceptance estimate the `auto` "
                                 "scheduler starts greedy requests from.", labels, registry=self.registry)
         self._scheduler_state = scheduler_state
+        if batch_stats is not None:  # a generator that decodes several requests together (max_batch > 1)
+            for name, read, doc in (
+                    ("batch_running_requests", lambda b: b["running_requests"],
+                     "Requests decoding now (cache slots in use by running requests)."),
+                    ("batch_slots", lambda b: b["max_batch"], "Requests the generator decodes together at most."),
+                    ("batch_target_calls", lambda b: b["calls"].get("target", 0),
+                     "Target model calls so far (each holds one or more requests' steps)."),
+                    ("batch_target_sequences", lambda b: b["sequences"].get("target", 0),
+                     "Requests' steps those target calls held (/ calls: the mean batch size)."),
+                    ("batch_max_sequences_per_call", lambda b: b["max_sequences_per_call"],
+                     "The most requests' steps one call has held.")):
+                gauge = Gauge(f"spectrt_{name}", doc, ("bundle",), registry=self.registry)
+                gauge.labels(bundle).set_function(lambda read=read: float(read(batch_stats())))
         if suffix_cache_stats is not None:  # the generator's suffix cache across requests
             for name, field, doc in SUFFIX_CACHE_GAUGES:
                 gauge = Gauge(f"spectrt_suffix_cache_{name}", doc, ("bundle",), registry=self.registry)
