@@ -55,6 +55,8 @@ class BatchedGraph:
         self._dtype = self.caches[0].dtype
         self._filler_cache = KVCache(entry.num_layers, max(entry.logits_rows or 1, 1) * self.slots * 4 + 64,
                                      entry.num_kv_heads, entry.head_dim, entry.precision)  # a padding sequence's rows
+        self._binding = session.io_binding()  # kept between calls: unused slots stay bound to the empty arrays
+        self._unused = [False] * self.slots  # slot -> bound to the empty arrays now
         self.calls = 0  # graph calls run
         self.sequences = 0  # sequences they held (fillers excluded)
 
@@ -85,7 +87,7 @@ class BatchedGraph:
         token_ids = np.concatenate([tokens for _, tokens in members]).reshape(1, -1)  # [1, N]
         visible = [self.visible(len(tokens)) for _, tokens in members]
         logits = np.empty((1, sum(visible), self.vocab), np.float32)  # [1, sum R_b, V]
-        binding = self.session.io_binding()
+        binding = self._binding
         binding.bind_cpu_input("input_ids", token_ids)
         if self.slots > 1:
             seq_lens = np.zeros(self.slots, np.int64)  # [B]
@@ -93,6 +95,8 @@ class BatchedGraph:
             binding.bind_cpu_input("seq_lens", seq_lens)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         for slot in range(self.slots):
+            if slot >= len(members) and self._unused[slot]:
+                continue  # still bound to the empty arrays (binding ~450 tensors a call cost 2.7 ms in Python)
             suffix = slot_suffix(self.slots, slot)
             cache, tokens = members[slot] if slot < len(members) else (None, None)
             for layer in range(self.num_layers):
@@ -105,6 +109,7 @@ class BatchedGraph:
                     binding.bind_input(name, "cpu", 0, self._dtype, array.shape, array.ctypes.data)
                 for name, array in ((f"new_key_{layer}{suffix}", new_key), (f"new_value_{layer}{suffix}", new_value)):
                     binding.bind_output(name, "cpu", 0, self._dtype, array.shape, array.ctypes.data)
+            self._unused[slot] = cache is None
         self.session.run_with_iobinding(binding)
         self.calls += 1
         self.sequences += len(calls)
@@ -112,7 +117,7 @@ class BatchedGraph:
         return [logits[0, bounds[i] : bounds[i + 1]] for i in range(len(calls))]
 
     def close(self) -> None:
-        self.session = None
+        self.session = self._binding = None
         self.caches = []
 
 
@@ -148,6 +153,7 @@ class SlotDecoder(CacheBookkeeping):
 class _Call:
     cache: int
     tokens: np.ndarray  # [S]
+    pad: int = 0  # filler rows appended to this call (its last token again) so the batch's total agrees
     result: np.ndarray | None = None
     error: BaseException | None = None
     queued_at: float = field(default_factory=time.perf_counter)
@@ -159,7 +165,7 @@ class BatchStats:
 
     calls: dict[str, int] = field(default_factory=dict)  # model -> graph calls
     sequences: dict[str, int] = field(default_factory=dict)  # model -> sequences served by them
-    filler_rows: int = 0  # rows of padding sequences (target)
+    filler_rows: int = 0  # padding rows (target): a filler sequence's, or a call's own
     deferred: int = 0  # calls left for the next batch because no agreeing total was reachable
     running: int = 0  # requests in the batch loop now
     max_sequences: int = 0  # the most sequences one call held
@@ -180,7 +186,9 @@ class Batcher:
     batch of the model with the most queued steps (the target on a tie), the others wait for their results. Calls
     of more than `small_rows` rows (prefill chunks) run alone, so a prefill stalls running sequences by at most one
     chunk between their rounds. Target batches run only at totals in `target_totals` (measured to give each row its
-    bits, `measure_batch_totals`), padded with a filler sequence to reach one."""
+    bits, `measure_batch_totals`), padded to reach one: the last call carries filler rows of its own where its cache
+    has room and its rows' logits stay visible (as one sequence's shaped calls are padded), else a filler sequence
+    takes a free graph slot, else the last call waits for the next batch."""
 
     def __init__(self, graphs: dict[str, BatchedGraph], *, small_rows: int, target_totals: frozenset[int] | None):
         self.graphs = graphs
@@ -240,7 +248,7 @@ class Batcher:
         model = max(queued)[2]
         queue, graph = self._queues[model], self.graphs[model]
         first = queue[0]
-        if len(first.tokens) > self.small_rows:  # a prefill chunk runs alone
+        if len(first.tokens) > self.small_rows:  # a prefill chunk runs alone (cut to an agreeing size already)
             return model, [queue.pop(0)], 0
         batch: list[_Call] = []
         for call in queue:
@@ -249,14 +257,20 @@ class Batcher:
             if len(call.tokens) <= self.small_rows and all(c.cache != call.cache for c in batch):
                 batch.append(call)
         filler = 0
-        if model == "target" and self.target_totals is not None and len(batch) > 1:
-            while len(batch) > 1:
+        if model == "target" and self.target_totals is not None:
+            while True:
                 total = sum(len(c.tokens) for c in batch)
                 if total in self.target_totals:
                     break
                 reachable = [t - total for t in sorted(self.target_totals) if t > total]
+                last = batch[-1]
+                if reachable and self._can_pad(graph, last, reachable[0]):
+                    last.pad = reachable[0]  # cheaper than a filler sequence: no attention of its own
+                    break
                 if len(batch) < graph.slots and reachable:
                     filler = reachable[0]
+                    break
+                if len(batch) == 1:  # cannot happen for calls shaped by a ShapedDecoder; run it as asked
                     break
                 batch.pop()  # no agreeing total with these: the last call waits for the next batch
                 self.stats.deferred += 1
@@ -264,14 +278,24 @@ class Batcher:
             queue.remove(call)
         return model, batch, filler
 
+    @staticmethod
+    def _can_pad(graph: BatchedGraph, call: _Call, rows: int) -> bool:
+        """The call can carry `rows` filler rows of its own: its cache has room, and its real rows' logits are still
+        among the rows the graph returns."""
+        count = len(call.tokens)
+        room = graph.caches[call.cache].length + count + rows <= graph.max_context
+        return room and (graph.logits_rows is None or count + rows <= graph.logits_rows)
+
     def _run(self, model: str, batch: list[_Call], filler: int) -> None:
         """Run one batch with the lock released; results (or the error) go to the calls."""
         self._busy = True
         self._cond.release()
         try:
-            results = self.graphs[model].run([(c.cache, c.tokens) for c in batch], filler_rows=filler)
+            calls = [(c.cache, np.concatenate([c.tokens, np.full(c.pad, c.tokens[-1], np.int64)]) if c.pad
+                      else c.tokens) for c in batch]
+            results = self.graphs[model].run(calls, filler_rows=filler)
             for call, logits in zip(batch, results):
-                call.result = logits
+                call.result = logits[: len(logits) - call.pad] if call.pad else logits  # the real rows' logits
         except BaseException as exc:  # every caller of this batch sees the error
             for call in batch:
                 call.error = exc
@@ -281,55 +305,60 @@ class Batcher:
             self.stats.calls[model] += 1
             self.stats.sequences[model] += len(batch)
             self.stats.max_sequences = max(self.stats.max_sequences, len(batch))
-            self.stats.filler_rows += filler
+            self.stats.filler_rows += filler + sum(c.pad for c in batch)
             self._cond.notify_all()
 
 
 # -- which totals keep a row's bits ----------------------------------------------------------------------------------
 
-def measure_batch_totals(graph: BatchedGraph, *, row_counts: tuple[int, ...], max_total: int, probe_cache: int = 0,
-                         seed: int = 1) -> tuple[frozenset[int], dict[str, Any]]:
-    """The batch totals N (2..max_total) at which a sequence's rows come out with the bits they have alone: for each
-    N, a call of `row_counts[0]` rows after a short prefix, placed first and then last in a batch with a filler
-    sequence of the remaining rows, against the same call alone (that is how a one-sequence call is shaped here).
-    Uses cache `probe_cache` (reset afterwards). Returns (agreeing totals, facts for the report)."""
+def measure_batch_totals(graph: BatchedGraph, *, agreeing_rows: tuple[int, ...], max_total: int,
+                         probe_cache: int = 0, seed: int = 1) -> tuple[frozenset[int], dict[str, Any]]:
+    """The batch totals N (2..max_total) at which a sequence's rows come out with the bits they have when it runs
+    alone, shaped as one sequence's calls are (`agreeing_rows`: the row counts that agree; a call of another count is
+    padded with filler rows of its own to the next one). For each N, a probe sequence of 1 row and one of the
+    smallest agreeing count, each after a short prefix, placed first and then last in a batch with a filler sequence
+    of the remaining rows. Uses caches `probe_cache` and the next one (reset afterwards). Returns (agreeing totals,
+    facts for the report)."""
     started = time.perf_counter()
     if graph.slots < 2:
         return frozenset(), {"checked": [], "agreeing": [], "seconds": 0.0}
     rng = np.random.default_rng(seed)
-    rows = row_counts[0]
     prefix = rng.integers(0, graph.vocab, 7).astype(np.int64)
-    tokens = rng.integers(0, graph.vocab, rows).astype(np.int64)
-    cache = graph.caches[probe_cache]
+    sizes = sorted({1, agreeing_rows[0]})
+    other = (probe_cache + 1) % len(graph.caches)
 
-    def call_with(filler: int, first: bool) -> np.ndarray:
-        cache.rollback(0)
+    def with_prefix(run) -> np.ndarray:
+        for index in (probe_cache, other):
+            graph.caches[index].rollback(0)
         graph.run([(probe_cache, prefix)])
-        cache.commit(len(prefix))
-        if filler == 0:
-            return np.array(graph.run([(probe_cache, tokens)])[0], copy=True)
-        if first:
-            return np.array(graph.run([(probe_cache, tokens)], filler_rows=filler)[0], copy=True)
-        # the probe sequence last: the filler sequence goes first, in a second cache
-        other = (probe_cache + 1) % len(graph.caches)
-        graph.caches[other].rollback(0)
-        out = graph.run([(other, np.zeros(filler, np.int64)), (probe_cache, tokens)])[1]
-        graph.caches[other].rollback(0)
-        return np.array(out, copy=True)
+        graph.caches[probe_cache].commit(len(prefix))
+        return np.array(run(), copy=True)
+
+    def alone(tokens: np.ndarray) -> np.ndarray:
+        """The rows' logits as a one-sequence call shaped to an agreeing count gives them."""
+        rows = min((r for r in agreeing_rows if r >= len(tokens)), default=len(tokens))
+        padded = np.concatenate([tokens, np.full(rows - len(tokens), tokens[-1], np.int64)])
+        return with_prefix(lambda: graph.run([(probe_cache, padded)])[0])[: len(tokens)]
+
+    def together(tokens: np.ndarray, total: int, first: bool) -> np.ndarray:
+        filler = (other, np.zeros(total - len(tokens), np.int64))
+        calls = [(probe_cache, tokens), filler] if first else [filler, (probe_cache, tokens)]
+        return with_prefix(lambda: graph.run(calls)[0 if first else 1])
 
     try:
-        alone = call_with(0, True)
+        probes = {size: rng.integers(0, graph.vocab, size).astype(np.int64) for size in sizes}
+        expected = {size: alone(tokens) for size, tokens in probes.items()}
         agreeing, checked = [], []
-        for total in range(rows + 1, max_total + 1):
+        for total in range(2, max_total + 1):
             checked.append(total)
-            if all(np.array_equal(alone, call_with(total - rows, first)) for first in (True, False)):
+            if all(np.array_equal(expected[size], together(tokens, total, first))
+                   for size, tokens in probes.items() if size < total for first in (True, False)):
                 agreeing.append(total)
-        if rows in row_counts:
-            agreeing.append(rows)
-        return frozenset(agreeing), {"checked": checked, "agreeing": sorted(agreeing),
-                                     "probe_rows": rows, "seconds": time.perf_counter() - started}
+        return frozenset(agreeing), {"checked": checked, "agreeing": agreeing, "probe_rows": sizes,
+                                     "seconds": time.perf_counter() - started}
     finally:
-        cache.rollback(0)
+        for index in (probe_cache, other):
+            graph.caches[index].rollback(0)
 
 
 def open_batched_graph(onnx_path: Path, entry, options, providers: list[str], cache_count: int) -> BatchedGraph:
@@ -416,7 +445,7 @@ def setup_batching(manifest, entries: dict[str, Any], *, backend: str, provider:
     from dataclasses import replace
 
     from .backends.onnxruntime_backend import OrtOptions
-    from .invariance import ShapedDecoder, _ranges, establish_invariance
+    from .invariance import CallShape, ShapedDecoder, _ranges, establish_invariance
 
     if backend == "tensorrt" or provider not in ("auto", "cpu"):
         raise GenerationError("several sequences per call (max_batch) and kept prefixes (prefix_slots) run on ONNX "
@@ -441,17 +470,24 @@ def setup_batching(manifest, entries: dict[str, Any], *, backend: str, provider:
     report, shaped = establish_invariance(manifest, alone, mode=invariance, backend=backend, threads=threads)
     shape = shaped.shape if isinstance(shaped, ShapedDecoder) else None
     visible = target_entry.logits_rows
-    small_rows = (max(r for r in shape.rows if visible is None or r <= visible) if shape is not None
-                  else max(target_entry.widths, default=0) + 1)
-    totals, facts = None, {}
+    small_rows = max(target_entry.widths, default=0) + 1  # the largest call that shares a batch (a verification)
+    totals = None
     if max_batch > 1 and shape is not None:
-        totals, facts = _batch_totals(manifest, graphs["target"], shape.rows, max_batch * small_rows, backend, threads)
-        agreeing = sorted(t for t in totals if t > small_rows)
-        reason = (f"; batches of up to {max_batch} sequences run at totals {_ranges(totals)} rows "
-                  f"(checked {facts['checked'][0]}-{facts['checked'][-1]}: a sequence's rows keep their bits there)"
-                  if agreeing or totals else "; no batch total above one sequence's agreed: sequences run one per call")
+        batch_totals, facts = _batch_totals(manifest, graphs["target"], shape.rows, max_batch * small_rows, backend,
+                                            threads)
+        totals = frozenset(batch_totals) | frozenset(shape.rows)
+        reason = (f"; with up to {max_batch} sequences per call a sequence's own calls are not padded, a call's "
+                  f"total is (a filler sequence) to {_ranges(totals)} rows, where a sequence's rows keep their "
+                  f"one-sequence bits (batch totals checked: {_ranges(facts['checked'])})")
         report = replace(report, reason=report.reason + reason)
-    batcher = Batcher(graphs, small_rows=small_rows, target_totals=frozenset(totals) if totals is not None else None)
+        # the batcher pads a batch's total, so one sequence's small calls need no padding of their own; large calls
+        # (prefills) are still cut into agreeing chunks
+        seconds = {int(rows): value for rows, value in report.call_seconds.items()}
+        rows = sorted(set(shape.rows) | {r for r in range(1, small_rows + 1) if r in seconds})
+        shape = CallShape(tuple(rows), tuple(seconds.get(r, max(shape.seconds)) for r in rows), visible)
+    else:
+        facts = {}
+    batcher = Batcher(graphs, small_rows=small_rows, target_totals=totals)
     targets, drafts = [], []
     for index in range(cache_slots):
         decoder = SlotDecoder(graphs["target"], index, batcher if max_batch > 1 else None)
@@ -469,13 +505,13 @@ def _batch_totals(manifest, graph: BatchedGraph, rows: tuple[int, ...], max_tota
     from .invariance import _cache_path, cache_key
 
     key, _ = cache_key(manifest, backend=backend, threads=threads, decoder=SlotDecoder(graph, 0))
-    path = _cache_path(f"{key}-batch{graph.slots}-{max_total}")
+    path = _cache_path(f"{key}-batch{graph.slots}-{max_total}-v2")
     try:
         facts = json.loads(path.read_text())
         return frozenset(facts["agreeing"]), facts
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    totals, facts = measure_batch_totals(graph, row_counts=rows, max_total=max_total)
+    totals, facts = measure_batch_totals(graph, agreeing_rows=rows, max_total=max_total)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(facts))

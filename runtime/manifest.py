@@ -262,7 +262,8 @@ def expected_graph_io(num_layers: int, kv_heads: int, head_dim: int, precision: 
     returns the final hidden state of every position.
 
     A batched graph (`slots` > 1) takes the rows of up to `slots` sequences in one call: input_ids holds them one
-    sequence after another, `seq_lens` [slots] says how many each has (0: an unused slot), each slot has its own
+    sequence after another, `seq_lens` [slots] says how many each has (the used slots first, then 0s for the unused
+    ones: a slot after an unused one is not computed), each slot has its own
     past/new cache tensors (suffix `_slot{b}`), and the logits are each slot's last min(S_b, logits_rows) rows in
     slot order."""
     inputs = [TensorSpec("input_ids", "int64", (1, "seq_len"))]

@@ -20,6 +20,7 @@ estimate, and falls back to k = 0 (plain decoding) unless a width beats it by a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from spectrt.runtime.errors import GenerationError
 
@@ -237,8 +238,10 @@ class WidthScheduler:
     def __init__(self, built_widths: tuple[int, ...], width: str | int = "auto", *, probe_every: int = 16,
                  max_probe_interval: int = 256, probe_budget: float = 4.0, margin: float = 0.05,
                  start_margin: float = 0.15, switch_safety: float = 2.0, cheap_draft: float = 0.15,
-                 costs: CostModel | None = None, acceptance: AcceptanceEstimate | None = None):
+                 costs: CostModel | None = None, acceptance: AcceptanceEstimate | None = None,
+                 sharers: Callable[[], int] | None = None):
         self.built = tuple(sorted(built_widths))
+        self.sharers = sharers  # requests decoding together in one batch (None: this one alone)
         self.costs = costs or CostModel()
         self.acceptance = acceptance or AcceptanceEstimate()
         self.probe_every = probe_every
@@ -292,8 +295,12 @@ class WidthScheduler:
         if not any(k > 0 for k in costs.verify_cost) or (model_draft and costs.draft_cost is None):
             return candidates[0] if model_draft else candidates[-1]
         plain = costs.verify_estimate(0)
-        speeds = {k: round_speedup(self.acceptance.value, k, costs.draft_estimate(k, model_draft)
-                                   + costs.verify_estimate(k), plain)
+        # In a batch every request waits for the batch's calls, so what one request's speculation adds to a round
+        # (its draft steps, its extra rows in the target call) delays all `sharers` requests: priced n times, the
+        # round pays only if the batch as a whole emits more tokens per second (n = 1: the request's own speed).
+        sharers = max(1, self.sharers()) if self.sharers is not None else 1
+        speeds = {k: round_speedup(self.acceptance.value, k, plain + sharers * max(
+                      0.0, costs.draft_estimate(k, model_draft) + costs.verify_estimate(k) - plain), plain)
                   for k in candidates}
         best_k = max(candidates, key=lambda k: speeds[k])
         switch_cost = costs.catch_up_estimate(draft_lag) if model_draft else 0.0

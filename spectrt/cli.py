@@ -636,10 +636,22 @@ def eval_command(bundle: Path, texts: tuple[str, ...], tokens: int, reference: s
 @click.option("--workload", default="chat", show_default=True, help="A workload with chat prompts.")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads of the server (0 = its default).")
 @click.option("--out", default=None, help="Output folder [default: bench/serve-<bundle>-<time>].")
+@click.option("--load", "load", metavar="C1,C2,...",
+              help="Run the load sweep instead: at each concurrency (e.g. 1,2,4,8), one request at a time vs "
+                   "batching (--max-batch), each with and without speculation; needs a bundle built with "
+                   "--max-batch. Writes load.json, load.md and load.png.")
+@click.option("--max-batch", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Load sweep: the batched server's --max-batch [0: the bundle's].")
+@click.option("--sampled", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Load sweep: seeded sampled requests checked batched against alone (0: none).")
 def bench_serve_command(bundle: Path, clients: int, requests_per_client: int, conversations: int, turns: int,
-                        max_new_tokens: int, workload: str, threads: int, out: str | None) -> None:
+                        max_new_tokens: int, workload: str, threads: int, out: str | None, load: str | None,
+                        max_batch: int, sampled: int) -> None:
     """Benchmark `spectrt serve` on BUNDLE with real HTTP clients: concurrency (plain, speculative, paced) and
-    multi-turn chat (plain, KV-cache reuse, speculative, both). Writes results.json and results.md."""
+    multi-turn chat (plain, KV-cache reuse, speculative, both). Writes results.json and results.md.
+
+    With --load: the load sweep (plain, speculative, batching, batching+speculative at each concurrency; exactness
+    per request; interleaved multi-turn clients), see docs/serving.md."""
     import time as time_module
 
     from spectrt.bench.serving import ServeBenchConfig, run_serving_benchmark, write_serving_report
@@ -647,6 +659,20 @@ def bench_serve_command(bundle: Path, clients: int, requests_per_client: int, co
 
     read_manifest(bundle)  # a clear error before a server starts
     out = out or f"bench/serve-{bundle.name}-{time_module.strftime('%Y%m%d-%H%M%S')}"
+    if load is not None:
+        from spectrt.bench.load import LoadBenchConfig, run_load_benchmark, write_load_report
+        from spectrt.errors import ConfigError
+
+        try:
+            levels = tuple(int(c) for c in load.split(","))
+        except ValueError:
+            raise ConfigError(f"--load takes concurrencies like 1,2,4,8 (got {load!r}).") from None
+        config = LoadBenchConfig(bundle=str(bundle), concurrency=levels, max_batch=max_batch,
+                                 requests_per_client=requests_per_client, max_new_tokens=max_new_tokens,
+                                 workload=workload, threads=threads, sampled=sampled, turns=turns)
+        paths = write_load_report(run_load_benchmark(config, say=click.echo), Path(out))
+        click.echo(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
+        return
     config = ServeBenchConfig(bundle=str(bundle), clients=clients, requests_per_client=requests_per_client,
                               turns=turns, conversations=conversations, max_new_tokens=max_new_tokens,
                               workload=workload, threads=threads, out=out)

@@ -110,6 +110,21 @@ def tiny_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_batched_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
+    """The tiny pair with int8 weights (int8 activations: the kernels whose paths depend on the row count) and graphs
+    that hold 3 sequences per call (--max-batch 3); widths 1,2,3,5, max context 160."""
+    from spectrt.compiler.build import build_bundle
+    from spectrt.compiler.config import BuildConfig
+    from spectrt.compiler.progress import Progress
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-b3"
+    target, draft = tiny_llama_pair
+    build_bundle(BuildConfig(target=str(target), draft=str(draft), widths=(1, 2, 3, 5), max_context=160, out=str(out),
+                             quantize="int8", max_batch=3), progress=Progress(quiet=True))
+    return out
+
+
 @pytest.fixture()
 def tiny_generator(tiny_bundle):
     """A fresh Generator on the tiny bundle per test: a test may change it (eos ids, clock) without

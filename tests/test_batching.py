@@ -28,11 +28,8 @@ def _build(target: Path, draft: Path, out: Path, **options) -> Path:
 
 
 @pytest.fixture(scope="module")
-def batched_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
-    """The tiny pair with int8 weights (int8 activations: the kernels whose paths depend on the row count) and graphs
-    that hold 3 sequences per call."""
-    target, draft = tiny_llama_pair
-    return _build(target, draft, tmp_path_factory.mktemp("batched") / "b3", quantize="int8", max_batch=3)
+def batched_bundle(tiny_batched_bundle) -> Path:
+    return tiny_batched_bundle
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,7 @@ def classic_fp32_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_batched_graph_gives_each_sequence_the_bits_of_its_call_alone(tiny_llama_pair, tmp_path, quantize):
     """One call of a 3-slot graph holding sequences of different cache lengths and row counts (a 1-row step, a
-    verification, a prefill chunk, unused slots) returns, for every sequence, the logits and new cache rows the
+    verification, a prefill chunk, an empty cache, unused slots) returns, for every sequence, the logits and new cache rows the
     one-sequence graph returns for its rows alone, bit for bit."""
     import onnxruntime as ort
 
@@ -82,8 +79,8 @@ def test_batched_graph_gives_each_sequence_the_bits_of_its_call_alone(tiny_llama
 
     empty = np.zeros((1, 0, kv, dim), np.float32)
     names = [o.name for o in sessions[3].get_outputs()]
-    for combo in ([(3, 1), (10, 4), None], [(0, 7), None, (5, 2)], [None, (20, 6), (1, 1)], [(4, 3)] * 3,
-                  [(6, 64), (9, 5), (2, 1)]):
+    for combo in ([(3, 1), (10, 4), None], [(0, 7), None, None], [(20, 6), (1, 1), (0, 2)], [(4, 3)] * 3,
+                  [(6, 64), (9, 5), (2, 1)]):  # the used slots come first (the contract)
         members = [sequence(*c) if c else None for c in combo]
         feed = {"input_ids": np.concatenate([m[0] for m in members if m])[None],
                 "seq_lens": np.array([len(m[0]) if m else 0 for m in members], np.int64)}
@@ -171,24 +168,30 @@ def test_batched_graph_alone_is_the_classic_graph(batched_bundle, tiny_llama_pai
 
 
 def test_batch_totals_only_agreeing_ones_run(batched_bundle):
-    """The batcher runs a target batch only at a measured agreeing total: it pads with a filler sequence where a
-    free slot reaches one, else leaves the last call for the next batch."""
+    """The batcher runs a target batch only at a measured agreeing total: the last call carries filler rows of its own
+    where its cache has room and its rows' logits stay visible, else a filler sequence takes a free slot, else the last
+    call waits for the next batch; a prefill chunk runs alone."""
+    from types import SimpleNamespace
+
     from spectrt.runtime.batching import Batcher, _Call
 
-    class FakeGraph:
-        slots = 3
-
-    batcher = Batcher({"target": FakeGraph()}, small_rows=6, target_totals=frozenset({2, 3, 4, 8}))
+    graph = SimpleNamespace(slots=3, max_context=100, logits_rows=6,
+                            caches=[SimpleNamespace(length=0) for _ in range(3)])
+    batcher = Batcher({"target": graph}, small_rows=6, target_totals=frozenset({2, 3, 4, 8, 12}))
     queue = batcher._queues["target"]
-    queue += [_Call(0, np.zeros(2, np.int64)), _Call(1, np.zeros(3, np.int64))]
-    model, batch, filler = batcher._take()
-    assert (model, [c.cache for c in batch], filler) == ("target", [0, 1], 3)  # 5 rows -> 8 with a filler
-    queue += [_Call(0, np.zeros(3, np.int64)), _Call(1, np.zeros(3, np.int64)), _Call(2, np.zeros(3, np.int64))]
-    model, batch, filler = batcher._take()  # 9 rows, no free slot and no agreeing total: 6 rows, then 3 -> 8
-    assert [c.cache for c in batch] == [0, 1] and filler == 2
+
+    def take(*rows: int):
+        queue.extend(_Call(i, np.zeros(n, np.int64)) for i, n in enumerate(rows))
+        model, batch, filler = batcher._take()
+        return [(c.cache, len(c.tokens), c.pad) for c in batch], filler
+
+    assert take(2, 3) == ([(0, 2, 0), (1, 3, 3)], 0)  # 5 rows -> 8: the last call pads itself
+    assert take(1) == ([(0, 1, 1)], 0)  # alone: padded as one sequence's calls are
+    assert take(3, 6) == ([(0, 3, 0), (1, 6, 0)], 3)  # 9 -> 12: 6 + 3 rows would hide its logits: a filler sequence
+    assert take(5, 5, 5) == ([(0, 5, 0), (1, 5, 0)], 2)  # 15 reaches no total: the third waits; 10 -> 12
     assert batcher.stats.deferred == 1
-    queue += [_Call(0, np.zeros(40, np.int64))]
-    assert [c.cache for c in batcher._take()[1]] == [2]  # queued first
+    queue.append(_Call(0, np.zeros(40, np.int64)))
+    assert batcher._take()[1][0].cache == 2  # the deferred call, queued first
     model, batch, filler = batcher._take()
     assert [len(c.tokens) for c in batch] == [40] and filler == 0  # a prefill chunk runs alone
 
@@ -263,3 +266,39 @@ def test_the_draft_head_is_refused_on_cache_slots(batched_bundle):
     with Generator(batched_bundle, threads=1, max_batch=2) as generator:
         with pytest.raises(GenerationError, match="draft head does not run on cache slots"):
             generator.generate("def add(a, b):", draft="head")
+
+
+# -- the load sweep ------------------------------------------------------------------------------------------------------
+
+def test_load_sweep_runs_every_configuration_and_checks_each_request(batched_bundle, tmp_path):
+    """`spectrt bench-serve --load 1,3` on the 3-slot bundle: both servers, four configurations at both
+    concurrencies, every request identical to its prompt alone (greedy and seeded sampling), interleaved
+    conversations reusing their own prefixes, the crossover and the plot written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from spectrt.cli import main
+
+    chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": text}]}
+             for i, text in enumerate(["hi there", "def add(a, b):", "the quick brown fox"])]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    out = tmp_path / "load"
+    options = {"--load": "1,3", "--requests": "2", "--max-new-tokens": "12", "--turns": "2", "--sampled": "3",
+               "--workload": str(tmp_path / "chat.jsonl"), "--threads": "1", "--out": str(out)}
+    result = CliRunner().invoke(main, ["bench-serve", str(batched_bundle), *(x for pair in options.items() for x in pair)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "load.json").read_text())
+    assert set(data["load"]) == {"plain", "speculative", "batching", "batching+speculative"}
+    for label, series in data["load"].items():
+        assert set(series) == {"1", "3"}
+        for clients, summary in series.items():
+            assert summary["requests"] == 2 * int(clients)
+            assert summary["identical_to_alone"] == summary["requests"], (label, clients)
+            assert summary["tpot_p95"] > 0 and summary["throughput_tokens_per_second"] > 0
+    assert data["sampled"]["identical_to_alone"] == 3
+    together = data["interleaved"]["batched"]["together"]
+    assert all(conversation[1]["reused_prompt_tokens"] > 0 for conversation in together)
+    assert "spectrt_batch_max_sequences_per_call" in data["server_metrics"]["batched"]
+    assert set(data["crossover"]) >= {"speculative_stops_paying_at", "batching+speculative_stops_paying_at"}
+    assert (out / "load.png").stat().st_size > 0 and "| batching+speculative | 3 |" in (out / "load.md").read_text()

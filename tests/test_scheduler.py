@@ -42,6 +42,21 @@ def test_auto_picks_narrow_when_verification_cost_grows_fast():
     assert scheduler.width(limit=100) == 2
 
 
+def test_under_load_a_round_is_priced_for_the_whole_batch():
+    """A request's speculation delays every request of its batch: width 2 pays alone (1.96 tokens for 1.2x a plain
+    round's time), not in a batch of 6 (its 0.2 extra delays six requests: 1.96 tokens for 2.2 plain rounds of
+    the batch), and pays again when the batch thins."""
+    sharers = [1]
+    costs = CostModel(draft_cost=0.05, verify_cost={0: 1.0, 2: 1.1, 4: 1.3, 8: 2.0})
+    scheduler = WidthScheduler((2, 4, 8), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.6),
+                               sharers=lambda: sharers[0])
+    assert scheduler.width(limit=100) == 2
+    sharers[0] = 6
+    assert scheduler.width(limit=100) == 0
+    sharers[0] = 1
+    assert scheduler.width(limit=100) == 2
+
+
 def test_auto_falls_back_to_plain_when_speculation_cannot_pay_and_probes_at_growing_intervals():
     scheduler = _measured(0.1, 0.5, {0: 1.0, 2: 1.2, 4: 1.5, 8: 2.0})
     widths = [scheduler.width(limit=100) for _ in range(120)]

@@ -627,6 +627,39 @@ def test_max_queue_rejects_what_does_not_fit(triton_env, tiny_bundle, tmp_path):
         server.stop()
 
 
+def test_a_batched_instance_decodes_its_requests_together(tiny_batched_bundle, monkeypatch):
+    """spectrt_max_batch 3: execute hands each request to a worker and returns; the requests' steps share model calls
+    and every output is the one the request gets alone."""
+    from spectrt.runtime.generator import Generator
+    from spectrt.serve.triton import OUTPUTS
+    from spectrt.serve.triton_model import TritonPythonModel
+
+    pb = stand_in_backend()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    config = {"model_transaction_policy": {"decoupled": True}, "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+              "parameters": {"spectrt_bundle": {"string_value": str(tiny_batched_bundle)},
+                             "spectrt_threads": {"string_value": "1"}, "spectrt_max_batch": {"string_value": "3"},
+                             "spectrt_allow_numpy2": {"string_value": "true"}},
+              "output": [{"name": name, "data_type": dtype} for name, dtype, _ in OUTPUTS]}
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_name": MODEL,
+                      "model_repository": str(tiny_batched_bundle), "model_version": "1",
+                      "model_instance_name": f"{MODEL}_0_0", "model_instance_kind": "CPU"})
+    requests = [StandInRequest(pb, prompt=prompt, max_tokens=30, draft="ngram" if i % 2 else "none")
+                for i, prompt in enumerate(PROMPTS * 2)]
+    model.execute(requests)
+    generator = model.generator
+    model.finalize()  # waits for the workers
+    stats = generator.batch_stats()
+    solo = Generator(tiny_batched_bundle, threads=1)
+    for i, request_ in enumerate(requests):
+        tokens = [int(t) for response, _ in request_.responses[:-1] for t in response.outputs["token_ids"]]
+        assert request_.responses[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        assert tokens == solo.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=30,
+                                       draft="ngram" if i % 2 else "none").token_ids
+    assert stats["max_sequences_per_call"] >= 2, stats
+
+
 @pytest.mark.slow
 def test_model_refuses_a_numpy2_stub_environment(triton_env, tiny_bundle, tmp_path):
     """The test's own venv has NumPy 2, which this Triton's stub misreads: the model must refuse to load

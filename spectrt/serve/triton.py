@@ -76,6 +76,8 @@ class TritonRepoConfig:
     python_env: str | None = None  # EXECUTION_ENV_PATH: a venv/conda env folder for the stub (server path)
     allow_numpy2: bool = False  # only for a Triton whose Python backend stub reads NumPy 2 arrays correctly
     overwrite: bool = False
+    max_batch: int = 1  # requests each instance decodes together (a bundle built with --max-batch >= it)
+    prefix_slots: int = 0  # KV caches each instance keeps for earlier conversations (0: max_batch of them)
 
     def __post_init__(self) -> None:
         if self.name is not None and not NAME_PATTERN.match(self.name):
@@ -89,6 +91,9 @@ class TritonRepoConfig:
             raise ConfigError("--max-queue and --max-queue-delay-ms must be >= 0 (0 = no limit).")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (got {self.threads}).")
+        if self.max_batch < 1 or self.prefix_slots < 0:
+            raise ConfigError(f"--max-batch must be >= 1 and --prefix-slots >= 0 (got {self.max_batch}, "
+                              f"{self.prefix_slots}).")
         if self.verify not in ("full", "cached", "none"):
             raise ConfigError(f"--verify must be full, cached or none (got {self.verify!r}).")
         if self.copy_bundle and self.bundle_path is not None:
@@ -106,7 +111,8 @@ def _quote(value: str) -> str:
 def render_config(name: str, bundle: str, config: TritonRepoConfig) -> str:
     """The model's config.pbtxt."""
     parameters = {"spectrt_bundle": bundle, "spectrt_threads": str(config.threads), "spectrt_backend": config.backend,
-                  "spectrt_provider": config.provider, "spectrt_verify": config.verify}
+                  "spectrt_provider": config.provider, "spectrt_verify": config.verify,
+                  "spectrt_max_batch": str(config.max_batch), "spectrt_prefix_slots": str(config.prefix_slots)}
     if config.allow_numpy2:
         parameters["spectrt_allow_numpy2"] = "true"
     if config.python_env is not None:
@@ -116,7 +122,8 @@ def render_config(name: str, bundle: str, config: TritonRepoConfig) -> str:
         f"{MARKER} (spectrt {_version()}); rewrite it with the same command rather than by hand.",
         f"name: {_quote(name)}",
         'backend: "python"',
-        "max_batch_size: 0  # one request = one sequence; each instance runs its requests one at a time",
+        "max_batch_size: 0  # one request = one sequence; each instance decodes up to spectrt_max_batch of them "
+        "together",
         "model_transaction_policy { decoupled: true }  # streaming: one response per token, then a final one",
         f"instance_group [ {{ count: {config.instances} kind: {KINDS[config.kind]} }} ]",
         "input [",
@@ -232,6 +239,11 @@ def write_triton_repository(bundle: str | Path, out: str | Path, config: TritonR
 @click.option("--allow-numpy2", is_flag=True,
               help="Let the model load under NumPy 2 (only for a Triton newer than 2.51 whose Python backend stub "
                    "reads NumPy 2 arrays correctly; 2.51's corrupts request tensors, so the model refuses NumPy 2).")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Requests each instance decodes together, their steps in shared model calls (a bundle built "
+                   "with --max-batch >= N); the rest wait in Triton's queue.")
+@click.option("--prefix-slots", type=int, default=0, show_default=True,
+              help="KV caches each instance keeps for earlier conversations [0: --max-batch of them].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/NAME if an earlier `spectrt triton-repo` wrote it.")
 def triton_repo_command(bundle: Path, out: Path, **options) -> None:
     """Write a Triton Inference Server model repository that serves BUNDLE (Python backend, streaming).

@@ -21,7 +21,9 @@ Protocol (decoupled: any number of responses per request):
 Model-config parameters (`parameters { key: ... value: { string_value: ... } }`), written by
 `spectrt triton-repo`: `spectrt_bundle` (absolute, or relative to the model's version folder),
 `spectrt_threads` (ONNX Runtime intra-op threads per instance; 0 = cores / instances on KIND_CPU),
-`spectrt_backend`, `spectrt_provider`, `spectrt_verify` (as in `spectrt.load`), `spectrt_allow_numpy2`
+`spectrt_backend`, `spectrt_provider`, `spectrt_verify` (as in `spectrt.load`), `spectrt_max_batch` (requests
+the instance decodes together: `execute` hands each to a worker thread and returns, and waits while that many run,
+so the rest stay in Triton's queue), `spectrt_prefix_slots`, `spectrt_allow_numpy2`
 (the stub's Python must have numpy<2 unless this is "true", see `_check_numpy`).
 """
 
@@ -185,7 +187,8 @@ def _check_numpy(pb_utils, params: dict[str, str]) -> None:
 
 
 class TritonPythonModel:
-    """One instance = one Triton stub process = one spectrt Generator; requests run one at a time."""
+    """One instance = one Triton stub process = one spectrt Generator; requests run one at a time, or up to
+    `spectrt_max_batch` together."""
 
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils  # exists only inside Triton's Python stub
@@ -227,7 +230,9 @@ class TritonPythonModel:
         try:
             self.generator = Generator(bundle, threads=threads, backend=params.get("spectrt_backend") or "auto",
                                        provider=params.get("spectrt_provider") or "auto",
-                                       verify=params.get("spectrt_verify") or "cached")
+                                       verify=params.get("spectrt_verify") or "cached",
+                                       max_batch=int(params.get("spectrt_max_batch") or 1),
+                                       prefix_slots=int(params.get("spectrt_prefix_slots") or 0))
         except SpectrtError as exc:  # the model fails to load with spectrt's message (the server log shows it)
             raise pb_utils.TritonModelException(f"spectrt could not load the bundle {bundle}: {exc}") from None
         self.output_dtypes = {output["name"]: pb_utils.triton_string_to_numpy(output["data_type"])
@@ -283,11 +288,31 @@ class TritonPythonModel:
             self.log.log_warn(f"spectrt: could not send the error response ({exc}): {message}")
 
     def execute(self, requests):
-        # Requests of this instance run one after the other (the Generator holds one KV cache); Triton
-        # gives the next request to an idle instance, or queues it.
+        # max_batch 1: requests of this instance run one after the other (the Generator holds one KV cache); Triton
+        # gives the next request to an idle instance, or queues it. max_batch N: each runs on a worker thread (their
+        # steps share model calls) and execute returns at once, but first waits while N run, so Triton holds the rest.
+        if self.generator.max_batch == 1:
+            for request in requests:
+                self._serve(request)
+            return None  # decoupled: every response went through the request's response sender
+        if getattr(self, "_workers", None) is None:
+            import threading
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._workers = ThreadPoolExecutor(self.generator.max_batch, thread_name_prefix="spectrt-request")
+            self._free = threading.Semaphore(self.generator.max_batch)
         for request in requests:
+            self._free.acquire()
+            self._workers.submit(self._serve_then_free, request)
+        return None
+
+    def _serve_then_free(self, request) -> None:
+        try:
             self._serve(request)
-        return None  # decoupled: every response went through the request's response sender
+        except Exception as exc:  # _serve answers the client itself; this only keeps the worker alive
+            self.log.log_error(f"spectrt: request failed: {exc!r}")
+        finally:
+            self._free.release()
 
     def _drafter(self, kwargs: dict[str, Any]) -> str:
         """The drafter a request runs with (the `drafter` metric label), as the Generator resolves it."""
@@ -340,6 +365,9 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         """Triton unloads the instance: free what the Generator's backends hold (sessions, device memory)."""
+        workers = getattr(self, "_workers", None)
+        if workers is not None:
+            workers.shutdown(wait=True)  # running requests finish (or stop at a cancelled client)
         generator, self.generator = getattr(self, "generator", None), None
         if generator is not None:
             generator.close()
