@@ -156,6 +156,7 @@ class _Call:
     pad: int = 0  # filler rows appended to this call (its last token again) so the batch's total agrees
     result: np.ndarray | None = None
     error: BaseException | None = None
+    done: bool = False  # its batch ran: its thread counts as running again (before it has even woken up)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -227,7 +228,7 @@ class Batcher:
             self._queues[model].append(call)
             self._running -= 1
             try:
-                while call.result is None and call.error is None:
+                while not call.done:
                     if not self._busy and self._running <= 0:
                         picked = self._take()
                         if picked is not None:
@@ -235,7 +236,10 @@ class Batcher:
                             continue
                     self._cond.wait()
             finally:
-                self._running += 1
+                if not call.done:  # interrupted while queued: take it back
+                    if call in self._queues[model]:
+                        self._queues[model].remove(call)
+                    self._running += 1
         if call.error is not None:
             raise call.error
         return call.result
@@ -302,6 +306,9 @@ class Batcher:
         finally:
             self._cond.acquire()
             self._busy = False
+            for call in batch:  # their threads compute again from now on: the next batch waits for their steps
+                call.done = True
+            self._running += len(batch)
             self.stats.calls[model] += 1
             self.stats.sequences[model] += len(batch)
             self.stats.max_sequences = max(self.stats.max_sequences, len(batch))
@@ -327,11 +334,12 @@ def measure_batch_totals(graph: BatchedGraph, *, agreeing_rows: tuple[int, ...],
     sizes = sorted({1, agreeing_rows[0]})
     other = (probe_cache + 1) % len(graph.caches)
 
-    def with_prefix(run) -> np.ndarray:
-        for index in (probe_cache, other):
-            graph.caches[index].rollback(0)
-        graph.run([(probe_cache, prefix)])
-        graph.caches[probe_cache].commit(len(prefix))
+    for index in (probe_cache, other):
+        graph.caches[index].rollback(0)
+    graph.run([(probe_cache, prefix)])
+    graph.caches[probe_cache].commit(len(prefix))
+
+    def with_prefix(run) -> np.ndarray:  # probe rows go after the prefix, never committed
         return np.array(run(), copy=True)
 
     def alone(tokens: np.ndarray) -> np.ndarray:

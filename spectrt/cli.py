@@ -644,9 +644,12 @@ def eval_command(bundle: Path, texts: tuple[str, ...], tokens: int, reference: s
               help="Load sweep: the batched server's --max-batch [0: the bundle's].")
 @click.option("--sampled", type=click.IntRange(min=0), default=4, show_default=True,
               help="Load sweep: seeded sampled requests checked batched against alone (0: none).")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="Load sweep: the same weights built with --max-batch 1; one request at a time runs on it "
+                   "(today's one-sequence graphs) [default: BUNDLE with --max-batch 1].")
 def bench_serve_command(bundle: Path, clients: int, requests_per_client: int, conversations: int, turns: int,
                         max_new_tokens: int, workload: str, threads: int, out: str | None, load: str | None,
-                        max_batch: int, sampled: int) -> None:
+                        max_batch: int, sampled: int, baseline: Path | None) -> None:
     """Benchmark `spectrt serve` on BUNDLE with real HTTP clients: concurrency (plain, speculative, paced) and
     multi-turn chat (plain, KV-cache reuse, speculative, both). Writes results.json and results.md.
 
@@ -669,7 +672,8 @@ def bench_serve_command(bundle: Path, clients: int, requests_per_client: int, co
             raise ConfigError(f"--load takes concurrencies like 1,2,4,8 (got {load!r}).") from None
         config = LoadBenchConfig(bundle=str(bundle), concurrency=levels, max_batch=max_batch,
                                  requests_per_client=requests_per_client, max_new_tokens=max_new_tokens,
-                                 workload=workload, threads=threads, sampled=sampled, turns=turns)
+                                 workload=workload, threads=threads, sampled=sampled, turns=turns,
+                                 baseline=str(baseline) if baseline else None)
         paths = write_load_report(run_load_benchmark(config, say=click.echo), Path(out))
         click.echo(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
         return

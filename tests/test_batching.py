@@ -33,6 +33,13 @@ def batched_bundle(tiny_batched_bundle) -> Path:
 
 
 @pytest.fixture(scope="module")
+def classic_int8_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
+    """The batched bundle's weights built with --max-batch 1 (one-sequence graphs)."""
+    target, draft = tiny_llama_pair
+    return _build(target, draft, tmp_path_factory.mktemp("classic") / "b1-int8", quantize="int8")
+
+
+@pytest.fixture(scope="module")
 def classic_fp32_bundle(tiny_llama_pair, tmp_path_factory) -> Path:
     target, draft = tiny_llama_pair
     return _build(target, draft, tmp_path_factory.mktemp("classic") / "b1")
@@ -159,12 +166,24 @@ def test_concurrent_requests_get_their_solo_outputs(batched_bundle):
     assert stats["running_requests"] == 0
 
 
-def test_batched_graph_alone_is_the_classic_graph(batched_bundle, tiny_llama_pair, tmp_path):
+def test_two_requests_share_nearly_every_call(batched_bundle):
+    """Two plain requests of 40 tokens at once share their decode steps' calls: a request whose batch just ran counts
+    as computing until it queues its next step (not only once its thread wakes up), so the next batch waits for
+    it. (That bug let the other request run alone every other step: 1.5 sequences per call instead of ~2.)"""
+    from spectrt.runtime.generator import Generator
+
+    with Generator(batched_bundle, threads=1, max_batch=3) as generator:
+        generator.eos_ids = set()  # both run their full 40 tokens
+        runs = [{"prompt": p, "max_new_tokens": 40, "draft": "none"} for p in PROMPTS[:2]]
+        assert [len(tokens) for tokens in _concurrent_outputs(generator, runs)] == [40, 40]
+        stats = generator.batch_stats()
+    assert stats["mean_sequences_per_call"]["target"] >= 1.8, stats
+
+
+def test_batched_graph_alone_is_the_classic_graph(batched_bundle, classic_int8_bundle):
     """The same weights built with --max-batch 1 and 3 decode the same tokens one request at a time."""
-    target, draft = tiny_llama_pair
-    classic = _build(target, draft, tmp_path / "b1", quantize="int8")
     runs = [{"prompt": p, "max_new_tokens": 40, "draft": "model"} for p in PROMPTS[:3]]
-    assert _solo_outputs(classic, runs) == _solo_outputs(batched_bundle, runs)
+    assert _solo_outputs(classic_int8_bundle, runs) == _solo_outputs(batched_bundle, runs)
 
 
 def test_batch_totals_only_agreeing_ones_run(batched_bundle):
@@ -270,10 +289,10 @@ def test_the_draft_head_is_refused_on_cache_slots(batched_bundle):
 
 # -- the load sweep ------------------------------------------------------------------------------------------------------
 
-def test_load_sweep_runs_every_configuration_and_checks_each_request(batched_bundle, tmp_path):
-    """`spectrt bench-serve --load 1,3` on the 3-slot bundle: both servers, four configurations at both
-    concurrencies, every request identical to its prompt alone (greedy and seeded sampling), interleaved
-    conversations reusing their own prefixes, the crossover and the plot written."""
+def test_load_sweep_runs_every_configuration_and_checks_each_request(batched_bundle, classic_int8_bundle, tmp_path):
+    """`spectrt bench-serve --load 1,3` on the 3-slot bundle, one request at a time on the one-sequence build of the
+    same weights: four configurations at both concurrencies, every request identical to its prompt alone (greedy and
+    seeded sampling), interleaved conversations reusing their own prefixes, the crossover and the plot written."""
     import json
 
     from click.testing import CliRunner
@@ -285,7 +304,8 @@ def test_load_sweep_runs_every_configuration_and_checks_each_request(batched_bun
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
     out = tmp_path / "load"
     options = {"--load": "1,3", "--requests": "2", "--max-new-tokens": "12", "--turns": "2", "--sampled": "3",
-               "--workload": str(tmp_path / "chat.jsonl"), "--threads": "1", "--out": str(out)}
+               "--workload": str(tmp_path / "chat.jsonl"), "--threads": "1", "--out": str(out),
+               "--baseline": str(classic_int8_bundle)}
     result = CliRunner().invoke(main, ["bench-serve", str(batched_bundle), *(x for pair in options.items() for x in pair)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "load.json").read_text())

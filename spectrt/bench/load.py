@@ -54,6 +54,7 @@ class LoadBenchConfig:
     threads: int = 0
     sampled: int = 4  # seeded sampled requests checked at the top concurrency (0: none)
     turns: int = 3  # turns of each conversation in the interleaved part (0: no such part)
+    baseline: str | None = None  # the same weights built with --max-batch 1: one request at a time runs on it
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -142,6 +143,12 @@ def run_load_benchmark(config: LoadBenchConfig, *, say: Callable[[str], None] = 
         raise ConfigError(f"the load sweep compares batching with one request at a time: the bundle's graphs hold "
                           f"{manifest.target.batch_slots} sequences per call; rebuild it with --max-batch 4 (and pass "
                           f"--max-batch <= its value here).")
+    one_at_a_time = Path(config.baseline or config.bundle)
+    if config.baseline:
+        baseline = read_manifest(config.baseline)
+        if baseline.target.raw.get("source") != manifest.target.raw.get("source") or baseline.target.batch_slots != 1:
+            raise ConfigError(f"--baseline {config.baseline} must hold the same target weights as {config.bundle}, "
+                              f"built with --max-batch 1 (today's one-sequence graphs).")
     prompts = [p for p in load_workload(config.workload) if p.messages]
     if not prompts:
         raise ConfigError(f"workload '{config.workload}' has no chat prompts; the benchmark sends chat requests.")
@@ -153,8 +160,9 @@ def run_load_benchmark(config: LoadBenchConfig, *, say: Callable[[str], None] = 
     sampled_alone: dict[int, str] = {}
     for batched in (False, True):
         slots = max(batch, 2) if batched else 1
-        with _server(Path(config.bundle), batch if batched else 1, slots, config.threads, top) as server:
-            say(f"spectrt serve --max-batch {batch if batched else 1} on {server.url}")
+        bundle = Path(config.bundle) if batched else one_at_a_time
+        with _server(bundle, batch if batched else 1, slots, config.threads, top) as server:
+            say(f"spectrt serve {bundle.name} --max-batch {batch if batched else 1} on {server.url}")
             with httpx.Client(timeout=900) as http:  # warm-up: sessions, caches and the auto scheduler's costs
                 stream_chat(http, server.url, server.model, list(prompts[0].messages), {"draft": "auto"}, 8)
             if not batched:  # every prompt alone, plain greedy (and seeded sampled): what each request must equal
@@ -237,7 +245,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"- machine: {machine.get('cpu', '?')} ({', '.join(machine.get('isa') or ['?'])}), {machine.get('cpus')} cores; greedy "
              f"chat requests ({config['workload']} workload), {config['max_new_tokens']} new tokens, streamed (SSE), "
              f"measured by the clients; each client sends {config['requests_per_client']} requests back to back",
-             f"- batching: `spectrt serve --max-batch {config['max_batch']}`; the others one request at a time",
+             f"- batching: `spectrt serve --max-batch {config['max_batch']}`; the others one request at a time"
+             + (f" on `{Path(config['baseline']).name}` (the same weights, one-sequence graphs)" if config.get('baseline')
+                else " (`--max-batch 1` on the same bundle)"),
              "- throughput = generated tokens / wall time; TPOT = a request's decode time / its tokens after the "
              "first; identical = texts equal to the same prompt's text alone (plain greedy)", "",
              "| config | clients | throughput tok/s | x plain | TTFT p50 s | TTFT p95 s | TPOT p50 ms | TPOT p95 ms "
