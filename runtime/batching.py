@@ -149,6 +149,8 @@ class SlotDecoder(CacheBookkeeping):
 
 # -- the batcher ---------------------------------------------------------------------------------------------------
 
+PAUSE_GRACE = 0.005  # seconds a request's consumer may hold a token before batches stop waiting for that request
+
 @dataclass
 class _Call:
     cache: int
@@ -181,8 +183,9 @@ class BatchStats:
 class Batcher:
     """Merges the steps of concurrently running requests into batched graph calls.
 
-    A request thread `enter`s when it starts decoding and `leave`s when done; `paused()` marks the time it spends
-    outside the loop (its consumer holds a yielded token). A step (`call`) waits until no entered thread is still
+    A request thread `enter`s when it starts decoding and `leave`s when done; `pause`/`resume` mark the time it
+    spends outside the loop (its consumer holds a yielded token): a pause longer than PAUSE_GRACE (a slow consumer,
+    a stream left unread) stops counting as computing. A step (`call`) waits until no entered thread is still
     computing, i.e. every running request has its next step queued (or is paused); then one waiting thread runs a
     batch of the model with the most queued steps (the target on a tie), the others wait for their results. Calls
     of more than `small_rows` rows (prefill chunks) run alone, so a prefill stalls running sequences by at most one
@@ -198,6 +201,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._queues: dict[str, list[_Call]] = {model: [] for model in graphs}
         self._running = 0
+        self._paused: dict[int, float] = {}  # thread ident -> when its consumer took a token
         self._busy = False
         self.stats = BatchStats(calls={m: 0 for m in graphs}, sequences={m: 0 for m in graphs})
 
@@ -208,18 +212,25 @@ class Batcher:
 
     def leave(self) -> None:
         with self._cond:
+            self._paused.pop(threading.get_ident(), None)
             self._running -= 1
             self.stats.running -= 1
             self._cond.notify_all()
 
     def pause(self) -> None:
+        """This thread's consumer holds a token: after PAUSE_GRACE seconds the batch stops waiting for it."""
         with self._cond:
-            self._running -= 1
-            self._cond.notify_all()
+            self._paused[threading.get_ident()] = time.perf_counter()
 
     def resume(self) -> None:
         with self._cond:
-            self._running += 1
+            self._paused.pop(threading.get_ident(), None)
+
+    def _computing(self) -> int:
+        """Entered threads still computing their next step (a pause shorter than the grace counts as computing: a
+        consumer that hands a token over in microseconds must not make every other request run alone)."""
+        now = time.perf_counter()
+        return self._running - sum(1 for since in self._paused.values() if now - since >= PAUSE_GRACE)
 
     def call(self, model: str, cache: int, tokens: np.ndarray) -> np.ndarray:
         """Queue one step and wait for its logits (this thread may run the batch that holds it, or others)."""
@@ -229,12 +240,12 @@ class Batcher:
             self._running -= 1
             try:
                 while not call.done:
-                    if not self._busy and self._running <= 0:
+                    if not self._busy and self._computing() <= 0:
                         picked = self._take()
                         if picked is not None:
                             self._run(*picked)
                             continue
-                    self._cond.wait()
+                    self._cond.wait(PAUSE_GRACE if self._paused else None)
             finally:
                 if not call.done:  # interrupted while queued: take it back
                     if call in self._queues[model]:
