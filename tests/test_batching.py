@@ -215,6 +215,58 @@ def test_batch_totals_only_agreeing_ones_run(batched_bundle):
     assert [len(c.tokens) for c in batch] == [40] and filler == 0  # a prefill chunk runs alone
 
 
+def test_a_brief_pause_is_waited_for_and_a_long_one_is_not(monkeypatch):
+    """A request whose consumer holds a token for less than PAUSE_GRACE still counts as computing: another request's
+    step waits and both share the call (a server's worker hands each token over in microseconds). One whose consumer
+    keeps holding it stops counting: the other request runs alone instead of waiting for it."""
+    import time
+    from types import SimpleNamespace
+
+    import spectrt.runtime.batching as batching
+
+    monkeypatch.setattr(batching, "PAUSE_GRACE", 0.3)  # generous: thread switches on a loaded CI machine
+    batches = []
+    graph = SimpleNamespace(slots=2, max_context=100, logits_rows=None,
+                            caches=[SimpleNamespace(length=0) for _ in range(2)],
+                            run=lambda calls, filler_rows=0: (batches.append(len(calls)),
+                                                              [np.zeros((1, 4)) for _ in calls])[1])
+    batcher = batching.Batcher({"target": graph}, small_rows=4, target_totals=None)
+    for brief, expected in ((True, [2]), (False, [1])):
+        batches.clear()
+        paused, done = threading.Event(), threading.Event()
+
+        def first() -> None:
+            batcher.enter()
+            batcher.pause()
+            paused.set()
+            while not batcher._queues["target"]:  # the other request's step is queued meanwhile
+                time.sleep(0.0005)
+            if brief:  # the token handed over: back to computing, then its own step
+                batcher.resume()
+                batcher.call("target", 0, np.zeros(1, np.int64))
+            else:  # keeps holding its token until the other request is through
+                done.wait(5)
+                batcher.resume()
+            batcher.leave()
+
+        def second() -> None:
+            batcher.enter()
+            paused.wait()
+            batcher.call("target", 1, np.zeros(1, np.int64))
+            batcher.leave()
+            done.set()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert batches == expected, (brief, batches)
+        if not brief:
+            assert time.perf_counter() - started >= 0.3  # it did wait the grace out first
+
+
 def test_an_open_stream_does_not_stall_the_others(batched_bundle):
     """A stream whose consumer holds a token does not hold up the batch: another request finishes meanwhile."""
     from spectrt.runtime.generator import Generator
