@@ -204,6 +204,24 @@ class Batcher:
         self._paused: dict[int, float] = {}  # thread ident -> when its consumer took a token
         self._busy = False
         self.stats = BatchStats(calls={m: 0 for m in graphs}, sequences={m: 0 for m in graphs})
+        self._seconds: dict[str, dict[int, float]] = {m: {} for m in graphs}  # model -> rows of a call -> EMA s
+
+    def call_cost(self, model: str, rows: int) -> float | None:
+        """Seconds one call of `model` with `rows` rows in all takes here: measured (a running average per row count),
+        else a straight line through the measured counts (calls cost about a + b rows on a CPU), else None."""
+        measured = dict(self._seconds.get(model, {}))
+        if rows in measured:
+            return measured[rows]
+        if len(measured) < 2:
+            return None
+        counts = np.array(sorted(measured), np.float64)
+        seconds = np.array([measured[c] for c in sorted(measured)], np.float64)
+        slope, intercept = np.polyfit(counts, seconds, 1)
+        return max(float(intercept + slope * rows), float(seconds.min()))
+
+    def _record(self, model: str, rows: int, seconds: float) -> None:
+        table = self._seconds[model]
+        table[rows] = seconds if rows not in table else 0.7 * table[rows] + 0.3 * seconds
 
     def enter(self) -> None:
         with self._cond:
@@ -308,7 +326,9 @@ class Batcher:
         try:
             calls = [(c.cache, np.concatenate([c.tokens, np.full(c.pad, c.tokens[-1], np.int64)]) if c.pad
                       else c.tokens) for c in batch]
+            started = time.perf_counter()
             results = self.graphs[model].run(calls, filler_rows=filler)
+            self._record(model, sum(len(tokens) for _, tokens in calls) + filler, time.perf_counter() - started)
             for call, logits in zip(batch, results):
                 call.result = logits[: len(logits) - call.pad] if call.pad else logits  # the real rows' logits
         except BaseException as exc:  # every caller of this batch sees the error

@@ -553,7 +553,8 @@ class Generator:
         batcher = self.batch.batcher if self.batch is not None and self.max_batch > 1 else None
         scheduler = WidthScheduler(self.built_widths, width, costs=self._cost_model(config),
                                    acceptance=long_run.start_request(),
-                                   sharers=(lambda: batcher.stats.running) if batcher is not None else None)
+                                   sharers=(lambda: batcher.stats.running) if batcher is not None else None,
+                                   batch_cost=batcher.call_cost if batcher is not None else None)
         picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept,
                              constraint=constraint)
         metrics = RequestMetrics(prompt_tokens=len(prompt_ids), seed=seed, queue_seconds=queued,

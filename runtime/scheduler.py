@@ -239,9 +239,11 @@ class WidthScheduler:
                  max_probe_interval: int = 256, probe_budget: float = 4.0, margin: float = 0.05,
                  start_margin: float = 0.15, switch_safety: float = 2.0, cheap_draft: float = 0.15,
                  costs: CostModel | None = None, acceptance: AcceptanceEstimate | None = None,
-                 sharers: Callable[[], int] | None = None):
+                 sharers: Callable[[], int] | None = None,
+                 batch_cost: Callable[[str, int], float | None] | None = None):
         self.built = tuple(sorted(built_widths))
         self.sharers = sharers  # requests decoding together in one batch (None: this one alone)
+        self.batch_cost = batch_cost  # (model, rows of one call) -> its measured seconds in the batch loop, or None
         self.costs = costs or CostModel()
         self.acceptance = acceptance or AcceptanceEstimate()
         self.probe_every = probe_every
@@ -295,13 +297,15 @@ class WidthScheduler:
         if not any(k > 0 for k in costs.verify_cost) or (model_draft and costs.draft_cost is None):
             return candidates[0] if model_draft else candidates[-1]
         plain = costs.verify_estimate(0)
-        # In a batch every request waits for the batch's calls, so what one request's speculation adds to a round
-        # (its draft steps, its extra rows in the target call) delays all `sharers` requests: priced n times, the
-        # round pays only if the batch as a whole emits more tokens per second (n = 1: the request's own speed).
         sharers = max(1, self.sharers()) if self.sharers is not None else 1
-        speeds = {k: round_speedup(self.acceptance.value, k, plain + sharers * max(
-                      0.0, costs.draft_estimate(k, model_draft) + costs.verify_estimate(k) - plain), plain)
-                  for k in candidates}
+        speeds = self._batch_speeds(sharers, candidates, model_draft) if sharers > 1 else None
+        if speeds is None:
+            # In a batch every request waits for the batch's calls, so what one request's speculation adds to a round
+            # (its draft steps, its extra rows in the target call) delays all `sharers` requests: priced n times, the
+            # round pays only if the batch as a whole emits more tokens per second (n = 1: the request's own speed).
+            speeds = {k: round_speedup(self.acceptance.value, k, plain + sharers * max(
+                          0.0, costs.draft_estimate(k, model_draft) + costs.verify_estimate(k) - plain), plain)
+                      for k in candidates}
         best_k = max(candidates, key=lambda k: speeds[k])
         switch_cost = costs.catch_up_estimate(draft_lag) if model_draft else 0.0
         saving = limit * plain * (1.0 - 1.0 / speeds[best_k]) if speeds[best_k] > 0 else 0.0
@@ -313,6 +317,28 @@ class WidthScheduler:
         self.speculating = True
         costs.probe_interval = 0  # speculation pays: probes start afresh when it stops paying
         return self._stale_neighbour(best_k, [0, *candidates])
+
+    def _batch_speeds(self, sharers: int, candidates: list[int], model_draft: bool) -> dict[int, float] | None:
+        """Speed of width-k rounds over plain ones for a batch of `sharers` requests that all speculate alike, from the
+        batch loop's measured call costs: a plain round is one target call of n rows for n tokens; a width-k round
+        is k draft calls of n rows (model drafts; a lookup costs next to nothing) and a target call of n(k+1) rows
+        for n E(k) tokens. None until the costs it needs were measured."""
+        if self.batch_cost is None:
+            return None
+        plain = self.batch_cost("target", sharers)
+        draft_step = self.batch_cost("draft", sharers) if model_draft else 0.0
+        if draft_step is None and model_draft:
+            draft_step = self.costs.draft_cost
+        if not plain or draft_step is None:
+            return None
+        speeds = {}
+        for k in candidates:
+            verify = self.batch_cost("target", sharers * (k + 1))
+            if verify is None:
+                return None
+            lookup = 0.0 if model_draft else (self.costs.lookup_cost or 0.0)
+            speeds[k] = expected_tokens_per_round(self.acceptance.value, k) * plain / (k * draft_step + lookup + verify)
+        return speeds
 
     def _plain_or_probe(self, probe_width: int, plain_cost: float, switch_cost: float) -> int:
         costs = self.costs

@@ -215,6 +215,25 @@ def test_batch_totals_only_agreeing_ones_run(batched_bundle):
     assert [len(c.tokens) for c in batch] == [40] and filler == 0  # a prefill chunk runs alone
 
 
+def test_call_costs_are_measured_per_row_count_and_fitted_between():
+    """What the scheduler prices batches with: a running average per row count, a straight line elsewhere, nothing
+    before two counts were measured."""
+    from types import SimpleNamespace
+
+    from spectrt.runtime.batching import Batcher
+
+    batcher = Batcher({"target": SimpleNamespace(slots=2)}, small_rows=4, target_totals=None)
+    assert batcher.call_cost("target", 3) is None
+    batcher._record("target", 2, 0.10)
+    assert batcher.call_cost("target", 2) == 0.10 and batcher.call_cost("target", 3) is None
+    batcher._record("target", 4, 0.14)
+    batcher._record("target", 4, 0.14)
+    assert batcher.call_cost("target", 3) == pytest.approx(0.12)
+    assert batcher.call_cost("target", 8) == pytest.approx(0.22)
+    batcher._record("target", 2, 0.20)  # a slower call moves the average by 0.3 of the difference
+    assert batcher.call_cost("target", 2) == pytest.approx(0.13)
+
+
 def test_a_brief_pause_is_waited_for_and_a_long_one_is_not(monkeypatch):
     """A request whose consumer holds a token for less than PAUSE_GRACE still counts as computing: another request's
     step waits and both share the call (a server's worker hands each token over in microseconds). One whose consumer

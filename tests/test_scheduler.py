@@ -57,6 +57,26 @@ def test_under_load_a_round_is_priced_for_the_whole_batch():
     assert scheduler.width(limit=100) == 2
 
 
+def test_in_a_batch_auto_prices_the_batch_calls_it_measured():
+    """With the batch loop's call costs (seconds by rows per call), a batch of 4 that speculates alike is priced as a
+    whole: where extra rows are nearly free (a memory-bound call) speculation pays; where each row costs (the int4
+    Qwen 1.5B target on 2 CPU cores: about 0.06 s + 0.02 s a row, its 0.5B draft a third of that) plain decoding
+    wins, though the same widths pay for one request alone."""
+    def scheduler(per_row: float) -> WidthScheduler:
+        table = {"target": lambda rows: 0.06 + per_row * rows, "draft": lambda rows: 0.3 * (0.06 + per_row * rows)}
+        costs = CostModel(draft_cost=0.02, verify_cost={0: 0.08, 1: 0.09, 2: 0.1, 4: 0.12})
+        return WidthScheduler((1, 2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.7),
+                              sharers=lambda: 4, batch_cost=lambda model, rows: table[model](rows))
+
+    assert scheduler(per_row=0.001).width(limit=100) > 0
+    assert scheduler(per_row=0.02).width(limit=100) == 0
+    alone = WidthScheduler((1, 2, 4), "auto", costs=CostModel(draft_cost=0.02, verify_cost={0: 0.08, 1: 0.09, 2: 0.1,
+                                                                                              4: 0.12}),
+                           acceptance=AcceptanceEstimate(prior=0.7), sharers=lambda: 1,
+                           batch_cost=lambda model, rows: None)
+    assert alone.width(limit=100) > 0  # one request alone: its own measured rounds, as before
+
+
 def test_auto_falls_back_to_plain_when_speculation_cannot_pay_and_probes_at_growing_intervals():
     scheduler = _measured(0.1, 0.5, {0: 1.0, 2: 1.2, 4: 1.5, 8: 2.0})
     widths = [scheduler.width(limit=100) for _ in range(120)]
