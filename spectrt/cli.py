@@ -789,9 +789,12 @@ PLAN_BACKENDS, PLAN_DEVICES = _plan_choices()
                                               "together).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(PLAN_BACKENDS),
               help="Plan only this backend (repeatable) [default: every backend the bundle can run on].")
+@click.option("--cache-slots", type=click.IntRange(min=1), default=1, show_default=True,
+              help="KV caches the runtime holds: a server's --prefix-slots (default its --max-batch); ONNX Runtime "
+                   "CPU only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (every term and its basis) as JSON.")
 def plan_command(source: Path | None, context: int | None, device: str | None, memory_gb: float | None,
-                 backends: tuple[str, ...], as_json: bool, **build_options: Any) -> None:
+                 backends: tuple[str, ...], cache_slots: int, as_json: bool, **build_options: Any) -> None:
     """Plan memory: weights, KV cache, activations and buffers per backend, and whether they fit a device.
 
     SOURCE is a bundle folder, or a recipe (.toml) to plan before building it; or give --target and --draft
@@ -816,7 +819,8 @@ def plan_command(source: Path | None, context: int | None, device: str | None, m
         if given:
             raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in given)} describe a build; a bundle "
                               f"folder already has its settings (plan a recipe or --target/--draft instead).")
-        plan = memory_plan.plan_bundle(source, context=context, backends=chosen, device=target_device)
+        plan = memory_plan.plan_bundle(source, context=context, backends=chosen, device=target_device,
+                                       cache_slots=cache_slots)
     else:
         config = _plan_build_config(source, given)
         sources = {role: _plan_model_path(getattr(config, role), role) for role in ("target", "draft")}
@@ -824,7 +828,7 @@ def plan_command(source: Path | None, context: int | None, device: str | None, m
                                        max_context=config.max_context, precision=config.precision,
                                        quantize={role: config.quantize_for(role) for role in sources},
                                        draft_vocab=config.draft_vocab, context=context, backends=chosen,
-                                       device=target_device)
+                                       device=target_device, cache_slots=cache_slots)
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2))
     else:

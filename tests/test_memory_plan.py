@@ -229,6 +229,16 @@ def test_a_shorter_context_needs_less_host_memory_on_cpu_but_the_same_device_are
         make_plan("q", "test", _plan().models, tokenizer_bytes=0, context=4096)
 
 
+def test_cache_slots_multiply_the_cpu_kv_cache_and_gpu_plans_say_why_they_are_missing():
+    one = _plan()
+    four = make_plan("q", "test", one.models, tokenizer_bytes=11 << 20, cache_slots=4)
+    cpu_one, cpu_four = one.backend("onnxruntime-cpu"), four.backend("onnxruntime-cpu")
+    assert cpu_four.term("kv_cache") == 4 * cpu_one.term("kv_cache")
+    assert cpu_four.total - cpu_one.total == 3 * cpu_one.term("kv_cache")
+    assert [p.backend for p in four.backends] == ["onnxruntime-cpu"]
+    assert any("4 cache slots" in note for note in four.notes)
+
+
 def test_named_devices_reserve_carveouts_and_the_os():
     nano, thor = DEVICES["orin-nano-8gb"], DEVICES["agx-thor-128gb"]
     assert nano.usable == 7620 * MiB - 1 * GiB

@@ -128,7 +128,7 @@ def _runtime_terms(models: dict[str, ModelShape], tokenizer_bytes: int, calibrat
 
 
 def _cpu_plan(models: dict[str, ModelShape], context: int, prefill: int, tokenizer_bytes: int,
-              calibration: Calibration) -> BackendPlan:
+              calibration: Calibration, cache_slots: int = 1) -> BackendPlan:
     terms = []
     for role, shape in models.items():
         kinds = {k: v for k, v in shape.weight_kinds().items() if v}
@@ -137,8 +137,9 @@ def _cpu_plan(models: dict[str, ModelShape], context: int, prefill: int, tokeniz
                           f"{role}: " + ", ".join(f"{kind} {_human(n)}" for kind, n in kinds.items())
                           + " as ONNX Runtime holds them (see Calibration)"))
     for role, shape in models.items():
-        terms.append(Term("kv_cache", "host", shape.kv_bytes(context), "arithmetic",
-                          f"{role}: {context} rows x {shape.num_layers} layers x K,V [{shape.num_kv_heads} x "
+        slots = f"{cache_slots} cache slots x " if cache_slots > 1 else ""
+        terms.append(Term("kv_cache", "host", cache_slots * shape.kv_bytes(context), "arithmetic",
+                          f"{role}: {slots}{context} rows x {shape.num_layers} layers x K,V [{shape.num_kv_heads} x "
                           f"{shape.head_dim}] {shape.precision} (rows never written are never resident)", "run"))
     for role, shape in models.items():
         rows = min(shape.logits_rows, shape.max_context)
@@ -254,9 +255,13 @@ def _gpu_plan(backend: str, models: dict[str, ModelShape], context: int, prefill
 
 def make_plan(name: str, source: str, models: dict[str, ModelShape], *, tokenizer_bytes: int,
               context: int | None = None, prefill: int | None = None, backends: Iterable[str] = BACKENDS,
-              device: Device | None = None, calibration: Calibration = CALIBRATION) -> MemoryPlan:
+              device: Device | None = None, calibration: Calibration = CALIBRATION,
+              cache_slots: int = 1) -> MemoryPlan:
     """The plan for `models` at `context` tokens (default: max context), the longest prompt `prefill` tokens
-    (default: the whole context)."""
+    (default: the whole context); `cache_slots`: KV caches the runtime holds (a server's --prefix-slots, default its
+    --max-batch; ONNX Runtime CPU only), each planned full at `context`."""
+    if cache_slots < 1:
+        raise ConfigError(f"cache slots must be >= 1 (got {cache_slots}).")
     max_context = min(shape.max_context for shape in models.values())
     context = max_context if context is None else context
     if not 1 <= context <= max_context:
@@ -269,10 +274,13 @@ def make_plan(name: str, source: str, models: dict[str, ModelShape], *, tokenize
         if backend not in BACKENDS:
             raise ConfigError(f"backend '{backend}' unknown; choose from {', '.join(BACKENDS)}.")
         if backend == "onnxruntime-cpu":
-            plans.append(_cpu_plan(models, context, prefill, tokenizer_bytes, calibration))
+            plans.append(_cpu_plan(models, context, prefill, tokenizer_bytes, calibration, cache_slots))
         elif backend == "tensorrt" and any(s.quantized and s.engine_file_bytes is None for s in models.values()):
             notes.append("tensorrt: not planned: weight-quantized (MatMulNBits) graphs are for ONNX Runtime only; "
                          "TensorRT engines are built from unquantized graphs (e.g. --precision fp16, no --quantize)")
+        elif cache_slots > 1:
+            notes.append(f"{backend}: not planned with {cache_slots} cache slots: batching and kept prefixes run on "
+                         f"ONNX Runtime's CPU path only so far")
         else:
             plans.append(_gpu_plan(backend, models, context, prefill, tokenizer_bytes, calibration))
     return MemoryPlan(name, source, context, prefill, models, tuple(plans), device, calibration, tuple(notes))
@@ -280,7 +288,7 @@ def make_plan(name: str, source: str, models: dict[str, ModelShape], *, tokenize
 
 def plan_bundle(bundle: Path | str, *, context: int | None = None, prefill: int | None = None,
                 backends: Iterable[str] = BACKENDS, device: Device | None = None, load_draft: bool = True,
-                calibration: Calibration = CALIBRATION) -> MemoryPlan:
+                calibration: Calibration = CALIBRATION, cache_slots: int = 1) -> MemoryPlan:
     """The plan of a built bundle (reads manifest.json only; no file is hashed or loaded)."""
     from spectrt.runtime.manifest import read_manifest
 
@@ -291,13 +299,14 @@ def plan_bundle(bundle: Path | str, *, context: int | None = None, prefill: int 
     if not all(shape.weight_file_bytes is not None for shape in models.values()):
         backends = [b for b in backends if b == "tensorrt"]  # no ONNX graph: only the engines run
     return make_plan(manifest.name, str(bundle), models, tokenizer_bytes=tokenizer_bytes, context=context,
-                     prefill=prefill, backends=backends, device=device, calibration=calibration)
+                     prefill=prefill, backends=backends, device=device, calibration=calibration,
+                     cache_slots=cache_slots)
 
 
 def plan_recipe(name: str, sources: dict[str, Path], *, widths: Iterable[int], max_context: int, precision: str,
                 quantize: dict[str, str], draft_vocab: int = 0, context: int | None = None,
                 prefill: int | None = None, backends: Iterable[str] = BACKENDS, device: Device | None = None,
-                calibration: Calibration = CALIBRATION) -> MemoryPlan:
+                calibration: Calibration = CALIBRATION, cache_slots: int = 1) -> MemoryPlan:
     """The plan of a bundle not built yet, from the source models' configs (`sources`: role -> path) and the build
     settings (the fields of compiler/config.py's BuildConfig of the same names)."""
     configs = {role: read_source_config(path) for role, path in sources.items()}
@@ -305,7 +314,8 @@ def plan_recipe(name: str, sources: dict[str, Path], *, widths: Iterable[int], m
                                  precision=precision, quantize=quantize, draft_vocab=draft_vocab)
     tokenizer_bytes = configs["target"].tokenizer_bytes  # the build saves the target's tokenizer
     return make_plan(name, ", ".join(str(p) for p in sources.values()), models, tokenizer_bytes=tokenizer_bytes,
-                     context=context, prefill=prefill, backends=backends, device=device, calibration=calibration)
+                     context=context, prefill=prefill, backends=backends, device=device, calibration=calibration,
+                     cache_slots=cache_slots)
 
 
 # -- text -----------------------------------------------------------------------------------------------------------
