@@ -1,22 +1,24 @@
 """Several sequences per model call: cache slots, one batched graph, and the batcher that merges the calls of
-concurrently running requests.
+concurrently running requests (docs/batching.md).
 
 A batched graph (built with `--max-batch B`, manifest `batch_slots`) takes the rows of up to B sequences in one
-call: `input_ids` [1, N] holds them one sequence after another, `seq_lens` [B] says how many rows each has (0: an
-unused graph slot) and every graph slot has its own past/new cache tensors. The weight products run once over
-all N rows (the weights are read once for the batch); each sequence's attention is the very subgraph, with the
-very shapes, a call of its rows alone runs, so it gets the same bits.
+call: `input_ids` [1, N] holds them one sequence after another, `seq_lens` [B] says how many rows each has (the
+used slots first, then 0s) and every graph slot has its own past/new cache tensors. The weight products run once
+over all N rows (the weights are read once for the batch); each sequence's attention is the very subgraph, with
+the very shapes, a call of its rows alone runs, so it gets the same bits.
 
-`CacheSlots` holds any number of per-sequence KV caches (>= B: the spare ones keep earlier conversations'
-prefixes, evicted least recently used); a call binds whichever caches it serves to the graph slots. A
-`SlotDecoder` is the Decoder protocol over one cache: on its own (`batcher=None`) a step is one call of the graph;
-under a `Batcher` a step waits for the other running requests' steps and runs with them.
+`BatchedGraph` holds any number of per-sequence KV caches (the spare ones keep earlier conversations' prefixes;
+`SlotPool` hands them out, longest shared prefix first, else least recently used); a call binds whichever caches
+it serves to the graph slots. A `SlotDecoder` is the Decoder protocol over one cache: on its own (`batcher=None`)
+a step is one call of the graph; under a `Batcher` a step waits for the other running requests' steps and runs
+with them.
 
 Exactness across sequences: the rows of the weight products see the batch's total row count N, and kernels may
-compute a row differently for other totals (onnxruntime's CPU int4 MatMulNBits on AVX2 does for some). So the
-totals are measured like the row counts of one sequence (`measure_batch_totals`): a sequence's rows in a batch of
-N rows, first and last, against the same rows alone. The batcher only runs totals that agreed, padding a batch
-with a filler sequence in a free graph slot where that reaches one, else leaving a call for the next batch.
+compute a row differently for other totals (onnxruntime's CPU int4 MatMulNBits on AVX2 gives a 1-row call other
+bits). So the totals are measured like the row counts of one sequence (`measure_batch_totals`): a sequence's rows
+in a batch of N rows, first and last, against the same rows as a shaped one-sequence call gives them. The batcher
+only runs totals that agreed, padding a batch to one (the last call's own filler rows, or a filler sequence in a
+free graph slot), else leaving a call for the next batch.
 """
 
 from __future__ import annotations
@@ -140,16 +142,11 @@ class SlotDecoder(CacheBookkeeping):
             return self.graph.run([(self.index, token_ids)])[0]
         return self.batcher.call(self.model, self.index, token_ids)
 
-    def alone(self) -> "SlotDecoder":
-        """This cache's decoder with steps that run alone (load-time checks, before any request)."""
-        decoder = SlotDecoder(self.graph, self.index, None, self.model)
-        decoder.cache, decoder.cached_tokens = self.cache, self.cached_tokens
-        return decoder
-
 
 # -- the batcher ---------------------------------------------------------------------------------------------------
 
 PAUSE_GRACE = 0.005  # seconds a request's consumer may hold a token before batches stop waiting for that request
+
 
 @dataclass
 class _Call:
@@ -159,7 +156,6 @@ class _Call:
     result: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False  # its batch ran: its thread counts as running again (before it has even woken up)
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
