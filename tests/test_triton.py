@@ -661,6 +661,28 @@ def test_a_batched_instance_decodes_its_requests_together(tiny_batched_bundle, m
 
 
 @pytest.mark.slow
+def test_one_batched_instance_serves_concurrent_clients_together(triton_env, tiny_batched_bundle, tmp_path):
+    """`--max-batch 3` on a bundle built with it: one instance runs three requests at once (their streams overlap;
+    Triton hands the instance the next request while earlier ones still stream), each exactly as alone."""
+    from spectrt.runtime.generator import Generator
+
+    server = start_server(triton_env, tiny_batched_bundle, tmp_path, "--max-batch", "3", "--threads", "1")
+    try:
+        generator = Generator(tiny_batched_bundle, threads=1)
+        variants = [{"draft": "none"}, {"draft": "ngram"}, {"width": 2}]
+        requests = [request(prompt, max_tokens=60, **variants[i % 3]) for i, prompt in enumerate(PROMPTS * 2)]
+        results = run_client(server, requests, concurrent=True)
+        for i, (got, prompt) in enumerate(zip(results, PROMPTS * 2)):
+            check_against_generator(server, generator, got, {"prompt": prompt}, 60, **variants[i % 3])
+        spans = sorted((r["first"], r["end"]) for r in results)
+        overlaps = sum(1 for a, b in zip(spans, spans[1:]) if b[0] < a[1])
+        assert overlaps >= 2, spans  # one instance, several requests at a time
+        assert f"{MODEL}_0_0 loaded" in server.log(200_000) and f"{MODEL}_0_1" not in server.log(200_000)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
 def test_model_refuses_a_numpy2_stub_environment(triton_env, tiny_bundle, tmp_path):
     """The test's own venv has NumPy 2, which this Triton's stub misreads: the model must refuse to load
     (with a message that says what to do) rather than serve corrupted prompts."""
