@@ -348,18 +348,23 @@ class Generator:
     def unshaped(self) -> Iterator[None]:
         """Inside the block the target's calls run with the row counts asked for, not shaped for invariance: for
         measuring what the shaping costs. Requests in it report `exact: false` unless every count agrees here."""
-        if self.batch is not None:
-            raise GenerationError("unshaped() measures one sequence's calls; load the bundle without max_batch / "
-                                  "prefix_slots for that.")
+        if self.batch is not None and self.max_batch > 1:
+            raise GenerationError("unshaped() measures one sequence's calls; a batch's calls are shaped together: load "
+                                  "the bundle with max_batch=1 for that.")
         shaped = self._target_in_use
+        kept = list(self.batch.targets) if self.batch is not None else []  # cache slots: each one's decoder
         self.target = getattr(shaped, "inner", shaped)
+        if self.batch is not None:
+            self.batch.targets[:] = [getattr(target, "inner", target) for target in kept]
         try:
             yield
         finally:
             self.target = shaped
+            if self.batch is not None:
+                self.batch.targets[:] = kept
 
     def _request_exact(self) -> bool:
-        if self.target is self._target_in_use:
+        if self.target is self._target_in_use:  # not inside `unshaped()`
             return self.invariance.exact
         return len(self.invariance.classes) == 1  # unshaped: exact only where every row count agrees
 

@@ -393,3 +393,22 @@ def test_load_sweep_runs_every_configuration_and_checks_each_request(batched_bun
     assert "spectrt_batch_max_sequences_per_call" in data["server_metrics"]["batched"]
     assert set(data["crossover"]) >= {"speculative_stops_paying_at", "batching+speculative_stops_paying_at"}
     assert (out / "load.png").stat().st_size > 0 and "| batching+speculative | 3 |" in (out / "load.md").read_text()
+
+
+def test_the_bench_runs_on_a_batched_bundle_one_request_at_a_time(batched_bundle):
+    """`spectrt bench`'s plain-unshaped configuration (what call shaping costs) works on cache slots too: unshaped
+    calls reach the graph as asked and report exact only where every row count agrees."""
+    from spectrt.runtime.generator import Generator
+
+    with Generator(batched_bundle, threads=1, prefix_slots=2) as generator:
+        shaped = generator.generate("def add(a, b):", max_new_tokens=20, draft="none")
+        with generator.unshaped():
+            unshaped = generator.generate("def add(a, b):", max_new_tokens=20, draft="none")
+            assert all(not hasattr(target, "inner") for target in generator.batch.targets)
+        assert all(hasattr(target, "inner") for target in generator.batch.targets)
+        assert shaped.metrics.exact
+        assert unshaped.metrics.exact == (len(generator.invariance.classes) == 1)
+    with Generator(batched_bundle, threads=1, max_batch=2) as generator:
+        with pytest.raises(GenerationError, match="shaped together"):
+            with generator.unshaped():
+                pass
