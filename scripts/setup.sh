@@ -18,5 +18,22 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
+# llama.cpp (the llamacpp extra) is built for this CPU, but without its AMX kernels: on an AMX CPU (Xeon Sapphire
+# Rapids and later) a native build crashes at its first evaluation (SmolLM2 Q4_1 and Qwen Q4_K_M alike, 1 or 2
+# threads; ggml-org/llama.cpp#20824, "segfault in ggml_backend_amx_mul_mat"); without them it runs on AVX-512.
+if [ "$(uname -m)" = x86_64 ]; then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'"
+fi
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     .venv/bin/python -m pip install --quiet -e ".[$EXTRAS]"
+if [ "$PURPOSE" = full ] && ! .venv/bin/python -c \
+        "import sys, llama_cpp; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())"; then
+    # a wheel pip cached from an earlier build with the AMX kernels: drop it and build again, without them (the
+    # new wheel is cached in its place)
+    echo "setup: rebuilding llama-cpp-python without its AMX kernels (a few minutes)" >&2
+    .venv/bin/python -m pip cache remove "llama_cpp_python*" >/dev/null 2>&1 || true
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install --quiet \
+        --force-reinstall --no-deps --no-binary llama-cpp-python \
+        "llama-cpp-python==$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
+fi
