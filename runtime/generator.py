@@ -559,7 +559,8 @@ class Generator:
         scheduler = WidthScheduler(self.built_widths, width, costs=self._cost_model(config),
                                    acceptance=long_run.start_request(),
                                    sharers=(lambda: batcher.stats.running) if batcher is not None else None,
-                                   batch_cost=batcher.call_cost if batcher is not None else None)
+                                   batch_cost=batcher.call_cost if batcher is not None else None,
+                                   shared_acceptance=(lambda: long_run.value) if batcher is not None else None)
         picker = TokenPicker(params, seed=seed, vocab=self.manifest.target.logits_vocab, rule=config.accept,
                              constraint=constraint)
         metrics = RequestMetrics(prompt_tokens=len(prompt_ids), seed=seed, queue_seconds=queued,

@@ -240,10 +240,14 @@ class WidthScheduler:
                  start_margin: float = 0.15, switch_safety: float = 2.0, cheap_draft: float = 0.15,
                  costs: CostModel | None = None, acceptance: AcceptanceEstimate | None = None,
                  sharers: Callable[[], int] | None = None,
-                 batch_cost: Callable[[str, int], float | None] | None = None):
+                 batch_cost: Callable[[str, int], float | None] | None = None,
+                 shared_acceptance: Callable[[], float] | None = None):
         self.built = tuple(sorted(built_widths))
         self.sharers = sharers  # requests decoding together in one batch (None: this one alone)
         self.batch_cost = batch_cost  # (model, rows of one call) -> its measured seconds in the batch loop, or None
+        # the acceptance a batch's requests with this drafter decide with alike (the long-run estimate): one request
+        # speculating while the others do not splits every round into two half-empty calls
+        self.shared_acceptance = shared_acceptance
         self.costs = costs or CostModel()
         self.acceptance = acceptance or AcceptanceEstimate()
         self.probe_every = probe_every
@@ -322,8 +326,8 @@ class WidthScheduler:
         return self._stale_neighbour(best_k, [0, *candidates])
 
     def _batch_speeds(self, sharers: int, candidates: list[int], model_draft: bool) -> dict[int, float] | None:
-        """Speed of width-k rounds over plain ones for a batch of `sharers` requests that all speculate alike, from the
-        batch loop's measured call costs: a plain round is one target call of n rows for n tokens; a width-k round
+        """Speed of width-k rounds over plain ones for a batch of `sharers` requests that all speculate alike (at the
+        shared acceptance, so they decide alike), from the batch loop's measured call costs: a plain round is one target call of n rows for n tokens; a width-k round
         is k draft calls of n rows (model drafts; a lookup costs next to nothing) and a target call of n(k+1) rows
         for n E(k) tokens. None until the costs it needs were measured."""
         if self.batch_cost is None:
@@ -340,7 +344,8 @@ class WidthScheduler:
             if verify is None:
                 return None
             lookup = 0.0 if model_draft else (self.costs.lookup_cost or 0.0)
-            speeds[k] = expected_tokens_per_round(self.acceptance.value, k) * plain / (k * draft_step + lookup + verify)
+            acceptance = self.shared_acceptance() if self.shared_acceptance is not None else self.acceptance.value
+            speeds[k] = expected_tokens_per_round(acceptance, k) * plain / (k * draft_step + lookup + verify)
         return speeds
 
     def _plain_or_probe(self, probe_width: int, plain_cost: float, switch_cost: float) -> int:

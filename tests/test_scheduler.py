@@ -78,6 +78,19 @@ def test_in_a_batch_auto_prices_the_batch_calls_it_measured():
     assert alone.width(limit=100) > 0  # one request alone: its own measured rounds, as before
 
 
+def test_in_a_batch_requests_decide_with_the_shared_acceptance():
+    """One request whose own estimate runs high must not speculate while its batch does not (its draft calls and
+    verifications would split every round into two half-empty calls): in a batch the shared estimate decides."""
+    table = {"target": lambda rows: 0.1 + 0.001 * rows, "draft": lambda rows: 0.01}
+    costs = CostModel(draft_cost=0.01, verify_cost={0: 0.1, 2: 0.1, 4: 0.1})
+    hopeful = WidthScheduler((2, 4), "auto", costs=costs, acceptance=AcceptanceEstimate(prior=0.95),
+                             sharers=lambda: 3, batch_cost=lambda model, rows: table[model](rows),
+                             shared_acceptance=lambda: 0.05)
+    assert hopeful.width(limit=100) == 0
+    hopeful.shared_acceptance = lambda: 0.9
+    assert hopeful.width(limit=100) > 0
+
+
 def test_auto_falls_back_to_plain_when_speculation_cannot_pay_and_probes_at_growing_intervals():
     scheduler = _measured(0.1, 0.5, {0: 1.0, 2: 1.2, 4: 1.5, 8: 2.0})
     widths = [scheduler.width(limit=100) for _ in range(120)]
