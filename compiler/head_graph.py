@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from .arch import ModelArch
 from .onnx_graph import (DTYPES, ExternalDataWriter, GraphBuilder, GraphSpec, _attention, _last_row, _mlp,
-                         _positions_and_mask, _rms_norm, write_model)
+                         _rms_norm, _slot_rows, write_model)
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ def build_head_onnx(shape: HeadShape, weights: dict[str, np.ndarray], embed: np.
         hidden = gb.op("Add", [gb.linear(joined, "fc.weight", weights["fc.weight"], spec),
                                gb.weight("fc.bias", weights["fc.bias"])])  # [1, S, H]
 
-        positions, mask, _ = _positions_and_mask(gb)
-        mask = gb.op("Concat", [mask, _last_row(gb, mask, axis=0)], axis=0)  # the padded query row's mask
+        slots = _slot_rows(gb, 1, None, pad_attention_rows=True)  # one sequence: positions and causal mask
+        positions = slots[0].positions
         cos_table, sin_table = default_rope(shape.rope_theta, shape.head_dim, max_context)
         cos = gb.op("Unsqueeze", [gb.op("Gather", [gb.weight("rope.cos", cos_table), positions], axis=0),
                                   gb.ints([0, 2])])  # [1, S, 1, D]
@@ -101,8 +101,9 @@ def build_head_onnx(shape: HeadShape, weights: dict[str, np.ndarray], embed: np.
                                   gb.ints([0, 2])])
         prefix = "model.layers.0"
         ln1 = gb.weight("layers.0.input_norm.weight", weights[f"{prefix}.input_layernorm.weight"])
-        attn_out, new_key, new_value = _attention(gb, arch, weights.__getitem__, 0,
-                                                  _rms_norm(gb, hidden, ln1, arch.rms_norm_eps), cos, sin, mask, spec)
+        attn_out, [(new_key, new_value)] = _attention(gb, arch, weights.__getitem__, 0,
+                                                      _rms_norm(gb, hidden, ln1, arch.rms_norm_eps), cos, sin, slots,
+                                                      "full", spec)
         hidden = gb.op("Add", [hidden, attn_out])
         ln2 = gb.weight("layers.0.post_attn_norm.weight", weights[f"{prefix}.post_attention_layernorm.weight"])
         hidden = gb.op("Add", [hidden, _mlp(gb, arch, weights.__getitem__, 0,
