@@ -169,7 +169,7 @@ def test_concurrent_requests_get_their_solo_outputs(batched_bundle):
 def test_two_requests_share_nearly_every_call(batched_bundle):
     """Two plain requests of 40 tokens at once share their decode steps' calls: a request whose batch just ran counts
     as computing until it queues its next step (not only once its thread wakes up), so the next batch waits for
-    it. (That bug let the other request run alone every other step: 1.5 sequences per call instead of ~2.)"""
+    it. (That bug let the other request run alone every other step: 1.34 sequences per call instead of ~1.9.)"""
     from spectrt.runtime.generator import Generator
 
     with Generator(batched_bundle, threads=1, max_batch=3) as generator:
@@ -177,7 +177,7 @@ def test_two_requests_share_nearly_every_call(batched_bundle):
         runs = [{"prompt": p, "max_new_tokens": 40, "draft": "none"} for p in PROMPTS[:2]]
         assert [len(tokens) for tokens in _concurrent_outputs(generator, runs)] == [40, 40]
         stats = generator.batch_stats()
-    assert stats["mean_sequences_per_call"]["target"] >= 1.8, stats
+    assert stats["mean_sequences_per_call"]["target"] >= 1.6, stats  # 1.78-1.95 measured; the bug gave 1.34
 
 
 def test_batched_graph_alone_is_the_classic_graph(batched_bundle, classic_int8_bundle):
