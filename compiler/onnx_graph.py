@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from spectrt.runtime.manifest import expected_graph_io
+from spectrt.runtime.manifest import expected_graph_io, slot_suffix
 
 from .arch import ModelArch
 from .gguf_blocks import CORRECTION_BLOCK, BlockWeight, concat_rows, form, take_rows
@@ -46,14 +46,6 @@ OPSET = 17
 MASK_VALUE = -1e9  # added to fp32 scores of masked positions
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can mmap them
-
-
-def graph_io_dims(arch: ModelArch, vocab: int, spec: "GraphSpec") -> tuple[list[tuple[str, str, tuple]], list[tuple[str, str, tuple]]]:
-    """(name, dtype, shape) of the graph's inputs and outputs: the runtime's contract (manifest.expected_graph_io)."""
-    inputs, outputs = expected_graph_io(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.precision, vocab,
-                                        spec.logits_rows, arch.hidden_size if spec.features else None,
-                                        spec.batch_slots)
-    return ([(t.name, t.dtype, t.shape) for t in inputs], [(t.name, t.dtype, t.shape) for t in outputs])
 
 
 class ExternalDataWriter:
@@ -641,11 +633,6 @@ class SlotRows:
     active: str | None = None  # bool scalar: the slot has rows this call (batched graphs only)
 
 
-def slot_suffix(slots: int, slot: int) -> str:
-    """The name suffix of a slot's cache tensors: none in a one-sequence graph, `_slot{b}` in a batched one."""
-    return "" if slots == 1 else f"_slot{slot}"
-
-
 def _slot_rows(gb: GraphBuilder, slots: int, window: int | None, pad_attention_rows: bool) -> list[SlotRows]:
     """Per slot: where its rows lie in the call (the `seq_lens` input, in slot order), their positions after its own
     cache and its masks. One slot: the whole call, as a one-sequence graph has always computed it."""
@@ -826,8 +813,10 @@ def build_decoder_onnx(arch: ModelArch, weights: WeightFn, rope: dict[str, tuple
         writer.close()
 
     elem_types = {"int64": TensorProto.INT64, "fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
-    graph_inputs, graph_outputs = ([helper.make_tensor_value_info(name, elem_types[dtype], list(shape))
-                                    for name, dtype, shape in specs] for specs in graph_io_dims(arch, vocab, spec))
+    io = expected_graph_io(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.precision, vocab, spec.logits_rows,
+                           arch.hidden_size if spec.features else None, spec.batch_slots)  # the runtime's contract
+    graph_inputs, graph_outputs = ([helper.make_tensor_value_info(t.name, elem_types[t.dtype], list(t.shape))
+                                    for t in specs] for specs in io)
     graph = helper.make_graph(gb.nodes, "spectrt_decoder", graph_inputs, graph_outputs, gb.initializers)
     return write_model(graph, onnx_path, quantized=spec.quantized)
 

@@ -141,13 +141,13 @@ def _last_slot_decoder(onnx_path: Path, arch: Any, *, precision: str, max_contex
     (so validation checks a sequence's rows inside a batch, not alone)."""
     from types import SimpleNamespace
 
-    from spectrt.runtime.backends.onnxruntime_backend import (BATCH_DEPENDENT_OPTIMIZERS, OrtOptions, _import_ort,
+    from spectrt.runtime.backends.onnxruntime_backend import (OrtOptions, _create_session, _import_ort,
                                                               session_options)
     from spectrt.runtime.batching import BatchedGraph, SlotDecoder
 
     ort = _import_ort()
-    session = ort.InferenceSession(str(onnx_path), session_options(ort, OrtOptions(threads=threads)),
-                                   providers=["CPUExecutionProvider"], disabled_optimizers=BATCH_DEPENDENT_OPTIMIZERS)
+    session = _create_session(ort, Path(onnx_path), session_options(ort, OrtOptions(threads=threads)),
+                              ["CPUExecutionProvider"], "batched")
     entry = SimpleNamespace(batch_slots=batch_slots, num_layers=arch.num_layers, max_context=max_context,
                             logits_vocab=vocab, logits_rows=logits_rows, num_kv_heads=arch.num_kv_heads,
                             head_dim=arch.head_dim, precision=precision)

@@ -34,6 +34,7 @@ import numpy as np
 from spectrt.runtime.errors import GenerationError
 
 from .backends.base import CacheBookkeeping
+from .backends.onnxruntime_backend import bind_kv_rows
 from .kv_cache import KVCache
 from .manifest import slot_suffix
 
@@ -59,8 +60,6 @@ class BatchedGraph:
                                      entry.num_kv_heads, entry.head_dim, entry.precision)  # a padding sequence's rows
         self._binding = session.io_binding()  # kept between calls: unused slots stay bound to the empty arrays
         self._unused = [False] * self.slots  # slot -> bound to the empty arrays now
-        self.calls = 0  # graph calls run
-        self.sequences = 0  # sequences they held (fillers excluded)
 
     def visible(self, count: int) -> int:
         """Logits rows a call of `count` rows of one sequence returns."""
@@ -99,22 +98,12 @@ class BatchedGraph:
         for slot in range(self.slots):
             if slot >= len(members) and self._unused[slot]:
                 continue  # still bound to the empty arrays (binding ~450 tensors a call cost 2.7 ms in Python)
-            suffix = slot_suffix(self.slots, slot)
             cache, tokens = members[slot] if slot < len(members) else (None, None)
-            for layer in range(self.num_layers):
-                if cache is None:
-                    past_key = past_value = new_key = new_value = self._empty
-                else:
-                    past_key, past_value = cache.past(layer)
-                    new_key, new_value = cache.new_rows(layer, len(tokens))
-                for name, array in ((f"past_key_{layer}{suffix}", past_key), (f"past_value_{layer}{suffix}", past_value)):
-                    binding.bind_input(name, "cpu", 0, self._dtype, array.shape, array.ctypes.data)
-                for name, array in ((f"new_key_{layer}{suffix}", new_key), (f"new_value_{layer}{suffix}", new_value)):
-                    binding.bind_output(name, "cpu", 0, self._dtype, array.shape, array.ctypes.data)
+            rows = ((lambda layer: (self._empty,) * 4) if cache is None else
+                    (lambda layer, cache=cache, count=len(tokens): (*cache.past(layer), *cache.new_rows(layer, count))))
+            bind_kv_rows(binding, self.num_layers, self._dtype, rows, slot_suffix(self.slots, slot))
             self._unused[slot] = cache is None
         self.session.run_with_iobinding(binding)
-        self.calls += 1
-        self.sequences += len(calls)
         bounds = np.cumsum([0] + visible)
         return [logits[0, bounds[i] : bounds[i + 1]] for i in range(len(calls))]
 
@@ -411,13 +400,12 @@ class SlotPool:
     share the longest prefix with its prompt (prefix reuse across interleaved conversations), else the least
     recently used. At most `capacity` requests hold one at a time; others wait."""
 
-    def __init__(self, decoders: list[Any], capacity: int):
-        self.decoders = decoders  # per cache: whatever the request runs on (its target decoder first)
+    def __init__(self, caches: int, capacity: int):
         self.capacity = capacity
         self._cond = threading.Condition()
-        self._free = list(range(len(decoders)))
+        self._free = list(range(caches))
         self._held = 0
-        self._used_at = [0.0] * len(decoders)
+        self._used_at = [0.0] * caches
 
     def acquire(self, prompt_ids: list[int], tokens_of) -> int:
         """Block until a cache is free and this request may run; returns its index. `tokens_of(index)` -> the
@@ -508,8 +496,8 @@ def setup_batching(manifest, entries: dict[str, Any], *, backend: str, provider:
     small_rows = max(target_entry.widths, default=0) + 1  # the largest call that shares a batch (a verification)
     totals = None
     if max_batch > 1 and shape is not None:
-        batch_totals, facts = _batch_totals(manifest, graphs["target"], shape.rows, max_batch * small_rows, backend,
-                                            threads)
+        batch_totals, facts = _batch_totals(graphs["target"], shape.rows, max_batch * small_rows,
+                                            report.machine["cache_key"])
         totals = frozenset(batch_totals) | frozenset(shape.rows)
         reason = (f"; with up to {max_batch} sequences per call a sequence's own calls are not padded, a call's "
                   f"total is (a filler sequence) to {_ranges(totals)} rows, where a sequence's rows keep their "
@@ -529,27 +517,22 @@ def setup_batching(manifest, entries: dict[str, Any], *, backend: str, provider:
         targets.append(ShapedDecoder(decoder, shape, report) if shape is not None else decoder)
         drafts.append(SlotDecoder(graphs["draft"], index, batcher if max_batch > 1 else None, model="draft")
                       if "draft" in graphs else None)
-    return BatchSetup(graphs, targets, drafts, SlotPool(targets, max_batch), batcher, report, facts)
+    return BatchSetup(graphs, targets, drafts, SlotPool(cache_slots, max_batch), batcher, report, facts)
 
 
-def _batch_totals(manifest, graph: BatchedGraph, rows: tuple[int, ...], max_total: int, backend: str,
-                  threads: int) -> tuple[frozenset[int], dict[str, Any]]:
-    """measure_batch_totals, cached with the row-count check's key (machine, library, threads, bundle)."""
+def _batch_totals(graph: BatchedGraph, rows: tuple[int, ...], max_total: int, key: str
+                  ) -> tuple[frozenset[int], dict[str, Any]]:
+    """measure_batch_totals, cached beside the row-count check under its key (machine, library, threads, bundle)."""
     import json
 
-    from .invariance import _cache_path, cache_key
+    from .invariance import _cache_path, store_json
 
-    key, _ = cache_key(manifest, backend=backend, threads=threads, decoder=SlotDecoder(graph, 0))
-    path = _cache_path(f"{key}-batch{graph.slots}-{max_total}-v2")
+    key = f"{key}-batch{graph.slots}-{max_total}-v2"
     try:
-        facts = json.loads(path.read_text())
+        facts = json.loads(_cache_path(key).read_text())
         return frozenset(facts["agreeing"]), facts
     except (OSError, ValueError, KeyError, TypeError):
         pass
     totals, facts = measure_batch_totals(graph, agreeing_rows=rows, max_total=max_total)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(facts))
-    except OSError:
-        pass
+    store_json(key, facts)
     return totals, facts

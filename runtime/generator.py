@@ -28,6 +28,9 @@ from .suffix_cache import DEFAULT_MAX_TOKENS, CacheView, SuffixCache
 from .text import BundleTokenizer, IncrementalDecoder, StopMatcher
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+SAME_THREAD = ("this thread already runs a request on this Generator (an unfinished stream?); read that stream to "
+               "the end or call its .close() first. (Consume each stream on one thread: a thread pool that runs "
+               "another request's steps on the thread holding an open stream is refused the same way.)")
 INVARIANCE_MODES = ("measure", "off")  # measure: check row counts here (or read the cache) and shape calls
 
 
@@ -432,10 +435,7 @@ class Generator:
     def _acquire(self) -> float:
         """Wait for the Generator; returns the seconds waited."""
         if self._holder == threading.get_ident():
-            raise GenerationError("this thread already runs a request on this Generator (an unfinished stream?); "
-                                  "read that stream to the end or call its .close() first. (Consume each stream "
-                                  "on one thread: a thread pool that runs another request's steps on the thread "
-                                  "holding an open stream is refused the same way.)")
+            raise GenerationError(SAME_THREAD)
         start = self.clock()
         self._lock.acquire()
         if self._closed:
@@ -502,7 +502,7 @@ class Generator:
             target, draft, release, batcher = self.target, self.draft, self._release, None
         else:
             queued, slot = self._acquire_slot(prompt_ids)
-            target, draft, batcher = self.batch.targets[slot], self.batch.drafts[slot], self.batch.batcher
+            target, draft, batcher = self.batch.targets[slot], self.batch.drafts[slot], self._batcher
 
             def release() -> None:
                 self._release_slot(slot)
@@ -523,18 +523,23 @@ class Generator:
             release()
         yield final  # after the release: a consumer that stops at the finish reason does not hold the Generator
 
+    @property
+    def _batcher(self):
+        """The batcher requests' steps go through: several requests at once (max_batch > 1), else None."""
+        return self.batch.batcher if self.batch is not None and self.max_batch > 1 else None
+
     def _acquire_slot(self, prompt_ids: list[int]) -> tuple[float, int]:
         """Batched: wait for a cache slot (the free one sharing the longest prefix with the prompt); returns (seconds
         waited, its index). The request then runs in the batch loop until `_release_slot`."""
         ident = threading.get_ident()
         with self._state_lock:
             if ident in self._holders:
-                raise GenerationError("this thread already runs a request on this Generator (an unfinished stream?); "
-                                      "read that stream to the end or call its .close() first.")
+                raise GenerationError(SAME_THREAD)
             self._holders.add(ident)
         start = self.clock()
         try:
-            slot = self.batch.pool.acquire(prompt_ids, lambda index: getattr(self.batch.targets[index], 'inner', self.batch.targets[index]).cached_tokens)
+            targets = self.batch.targets
+            slot = self.batch.pool.acquire(prompt_ids, lambda i: getattr(targets[i], "inner", targets[i]).cached_tokens)
         except BaseException:
             with self._state_lock:
                 self._holders.discard(ident)
@@ -555,7 +560,7 @@ class Generator:
         params = config.sampling
         seed = None if params.greedy else (config.seed if config.seed is not None else random_seed())
         long_run = self._long_run_acceptance(config)
-        batcher = self.batch.batcher if self.batch is not None and self.max_batch > 1 else None
+        batcher = self._batcher
         scheduler = WidthScheduler(self.built_widths, width, costs=self._cost_model(config),
                                    acceptance=long_run.start_request(),
                                    sharers=(lambda: batcher.stats.running) if batcher is not None else None,

@@ -351,6 +351,11 @@ def save_cached(key: str, shape: CallShape | None, facts: dict[str, Any]) -> Non
     data = {"shape": None if shape is None else {"rows": list(shape.rows), "seconds": list(shape.seconds),
                                                  "visible": shape.visible},
             "facts": {**facts, "checked": list(facts["checked"]), "classes": [list(c) for c in facts["classes"]]}}
+    store_json(key, data)
+
+
+def store_json(key: str, data: dict[str, Any]) -> None:
+    """Write a measurement to the cache under `key` (atomically); a read-only cache is no error."""
     path = _cache_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

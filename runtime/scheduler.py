@@ -327,9 +327,10 @@ class WidthScheduler:
 
     def _batch_speeds(self, sharers: int, candidates: list[int], model_draft: bool) -> dict[int, float] | None:
         """Speed of width-k rounds over plain ones for a batch of `sharers` requests that all speculate alike (at the
-        shared acceptance, so they decide alike), from the batch loop's measured call costs: a plain round is one target call of n rows for n tokens; a width-k round
-        is k draft calls of n rows (model drafts; a lookup costs next to nothing) and a target call of n(k+1) rows
-        for n E(k) tokens. None until the costs it needs were measured."""
+        shared acceptance, so they decide alike), from the batch loop's measured call costs: a plain round is one
+        target call of n rows for n tokens; a width-k round is k draft calls of n rows (model drafts; a lookup costs
+        next to nothing) and a target call of n(k+1) rows for n E(k) tokens. None until the costs it needs were
+        measured."""
         if self.batch_cost is None:
             return None
         plain = self.batch_cost("target", sharers)
@@ -338,13 +339,13 @@ class WidthScheduler:
             draft_step = self.costs.draft_cost
         if not plain or draft_step is None:
             return None
+        lookup = 0.0 if model_draft else (self.costs.lookup_cost or 0.0)
+        acceptance = self.shared_acceptance() if self.shared_acceptance is not None else self.acceptance.value
         speeds = {}
         for k in candidates:
             verify = self.batch_cost("target", sharers * (k + 1))
             if verify is None:
                 return None
-            lookup = 0.0 if model_draft else (self.costs.lookup_cost or 0.0)
-            acceptance = self.shared_acceptance() if self.shared_acceptance is not None else self.acceptance.value
             speeds[k] = expected_tokens_per_round(acceptance, k) * plain / (k * draft_step + lookup + verify)
         return speeds
 

@@ -132,6 +132,17 @@ def open_checked_session(onnx_path: Path, entry, options: OrtOptions, providers:
                         logits_rows=entry.logits_rows, options=options, providers=providers)
 
 
+def bind_kv_rows(binding, num_layers: int, dtype, rows, suffix: str = "") -> None:
+    """Bind every layer's past_{key,value}_{layer}{suffix} inputs and new_{key,value}_{layer}{suffix} outputs to the
+    arrays `rows(layer)` returns (past_key, past_value, new_key, new_value), in place: no copy."""
+    for layer in range(num_layers):
+        past_key, past_value, new_key, new_value = rows(layer)
+        for name, array in ((f"past_key_{layer}{suffix}", past_key), (f"past_value_{layer}{suffix}", past_value)):
+            binding.bind_input(name, "cpu", 0, dtype, array.shape, array.ctypes.data)
+        for name, array in ((f"new_key_{layer}{suffix}", new_key), (f"new_value_{layer}{suffix}", new_value)):
+            binding.bind_output(name, "cpu", 0, dtype, array.shape, array.ctypes.data)
+
+
 class OrtDecoder(CacheBookkeeping):
     """Runs a spectrt decoder graph step by step with an in-place KV cache (CPU buffers).
 
@@ -180,13 +191,8 @@ class OrtDecoder(CacheBookkeeping):
             features = np.empty((1, count, self.features_size), np.float32)  # [1, S, H]
             binding.bind_output("features", "cpu", 0, np.float32, features.shape, features.ctypes.data)
             self.last_features = features[0]
-        for layer in range(self.num_layers):
-            past_key, past_value = self.cache.past(layer)
-            new_key, new_value = self.cache.new_rows(layer, count)
-            for name, array in ((f"past_key_{layer}", past_key), (f"past_value_{layer}", past_value)):
-                binding.bind_input(name, "cpu", 0, self._np_dtype, array.shape, array.ctypes.data)
-            for name, array in ((f"new_key_{layer}", new_key), (f"new_value_{layer}", new_value)):
-                binding.bind_output(name, "cpu", 0, self._np_dtype, array.shape, array.ctypes.data)
+        bind_kv_rows(binding, self.num_layers, self._np_dtype,
+                     lambda layer: (*self.cache.past(layer), *self.cache.new_rows(layer, count)))
         self.session.run_with_iobinding(binding)
         return logits[0]
 

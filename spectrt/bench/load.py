@@ -30,7 +30,7 @@ from spectrt.errors import ConfigError
 from spectrt.workloads import load_workload
 
 from .runner import _percentile, machine_info
-from .serving import FOLLOW_UPS, Timing, stream_chat
+from .serving import FOLLOW_UPS, Timing, stream_chat, summarize
 
 LOAD_CONFIGS = {  # label -> (batched server, request options)
     "plain": (False, {"draft": "none"}),
@@ -65,8 +65,8 @@ class LoadBenchConfig:
 
 def tpot(timing: Timing) -> float | None:
     """Seconds per output token after the first (None for a one-token answer)."""
-    tokens = timing.usage.get("completion_tokens", 0) - 1
-    return (timing.seconds - timing.ttft) / tokens if tokens > 0 else None
+    rate = timing.tokens_per_second
+    return 1.0 / rate if rate else None
 
 
 def run_clients(url: str, model: str, clients: int, requests_per_client: int, prompts: list, options: dict[str, Any],
@@ -87,19 +87,9 @@ def run_clients(url: str, model: str, clients: int, requests_per_client: int, pr
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - start
     per_token = [t for t in (tpot(timing) for timing in timings.values()) if t is not None]
-    tokens = sum(t.usage.get("completion_tokens", 0) for t in timings.values())
-    drafted = sum(t.usage.get("drafted_tokens", 0) for t in timings.values())
-    summary = {
-        "clients": clients, "requests": len(timings), "generated_tokens": tokens, "wall_seconds": wall,
-        "throughput_tokens_per_second": tokens / wall if wall > 0 else None,
-        "ttft_p50": _percentile([t.ttft for t in timings.values()], 50),
-        "ttft_p95": _percentile([t.ttft for t in timings.values()], 95),
-        "tpot_p50": _percentile(per_token, 50), "tpot_p95": _percentile(per_token, 95),
-        "acceptance_rate": (sum(t.usage.get("accepted_tokens", 0) for t in timings.values()) / drafted
-                            if drafted else None),
-    }
+    summary = summarize(list(timings.values()), time.perf_counter() - start) | {
+        "clients": clients, "tpot_p50": _percentile(per_token, 50), "tpot_p95": _percentile(per_token, 95)}
     return summary, {number: timing.text for number, timing in timings.items()}
 
 
